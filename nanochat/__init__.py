@@ -1,0 +1,1 @@
+"""nanochat: the GPT model family, its optimizers, data, tokenizer and evaluation."""

@@ -1,0 +1,1 @@
+"""Pilot: curtailment-aware federated pretraining of nanochat GPTs (Flower app, coordination, energy, sites)."""

