@@ -16,6 +16,8 @@ import redis
 
 from pilot.coordination import find_redis_server, free_port
 
+pytest_plugins = ["tests.fixtures_data"]  # real-text shards and a tokenizer, shared by data and training tests
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # flwr, flower-superlink, pilot live beside the interpreter
 
