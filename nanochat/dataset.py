@@ -27,7 +27,7 @@ NUM_SHARDS_AVAILABLE = 1823   # shard_00000 .. shard_01822 in the source above
 WORKERS = 4                   # parallel downloads
 ATTEMPTS = 5                  # tries per shard (a broken connection resumes; a corrupt file starts over)
 TIMEOUT_S = 60                # per connect / read
-CHUNK = 1 << 20               # bytes per write
+CHUNK = 1 << 16               # bytes per read/write (a broken connection loses at most the chunk in flight)
 
 SHARD_RE = re.compile(r"^shard_(\d{5})\.parquet$")
 
@@ -168,7 +168,7 @@ def download(num_shards: int, data_dir: Path | None = None, base_url: str = BASE
             num_shards = available
         if num_shards > available:
             raise ValueError(f"asked for {num_shards} shards, but the source has {available} "
-                             f"(shard_00000 .. {shard_name(available - 1)})")
+                             f"(shard_00000 .. shard_{available - 1:05d})")
     if num_shards < 1:
         raise ValueError(f"-n must be >= 1 (or -1 for all), got {num_shards}")
     data_dir = Path(data_dir or default_data_dir())
@@ -195,11 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-url", default=BASE_URL, help="where shard_XXXXX.parquet files are served")
     parser.add_argument("--data-dir", type=Path, default=None, help="default: $NANOCHAT_BASE_DIR/base_data")
     parser.add_argument("-w", "--workers", type=int, default=WORKERS, help="parallel downloads")
+    parser.add_argument("--retry-wait", type=float, default=1.0,
+                        help="seconds to wait before retry k (times k)")
     parser.add_argument("--available", type=int, default=NUM_SHARDS_AVAILABLE,
                         help="how many shards the source holds (a mirror may hold fewer)")
     args = parser.parse_args(argv)
     try:
-        results = download(args.num_files, args.data_dir, args.base_url, args.workers, args.available)
+        results = download(args.num_files, args.data_dir, args.base_url, args.workers, args.available,
+                           backoff_s=args.retry_wait)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
