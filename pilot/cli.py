@@ -54,6 +54,21 @@ def cmd_redis(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json  # noqa: PLC0415
+
+    from pilot.energy import plan, sites, traces  # noqa: PLC0415 - pandas only for this subcommand
+
+    try:
+        site_map = sites.parse_site_map(args.sites) if args.sites else None
+        result = plan.plan_files(args.trace, args.threshold, site_map, args.min_on * 60, args.min_off * 60)
+    except (traces.TraceError, sites.ScenarioError) as error:
+        print(f"pilot plan: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else plan.format_text(result), end="\n" if args.json else "")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pilot",
@@ -72,6 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=str(coordination.default_run_dir()),
                    help="run directory (default: $PILOT_RUN_DIR or runs/default)")
     p.set_defaults(func=cmd_redis)
+
+    p = sub.add_parser("plan", help="replay MOER traces without Redis: curtailment windows per site and overlap",
+                       description="Replay MOER trace files (WattTime wide or long CSV) and print, per site, "
+                                   "curtailed minutes and windows, and the minutes with 0, 1, 2, ... sites "
+                                   "curtailed at once. A sample's value holds until the next sample.")
+    p.add_argument("--trace", action="append", required=True, metavar="FILE",
+                   help="MOER trace CSV (repeat for several files)")
+    p.add_argument("--threshold", type=float, default=100.0,
+                   help="curtailed while MOER is below this, lbs CO2/MWh (default 100)")
+    p.add_argument("--sites", default="", metavar="NAME=REGION,...",
+                   help="sites and their regions, e.g. client_0=CAISO_NORTH,client_1=SPP_TX "
+                        "(default: one site per region column, client_0, client_1, ...)")
+    p.add_argument("--min-on", type=float, default=0.0, metavar="MIN",
+                   help="hysteresis: minutes the signal must stay curtailed before a window opens (default 0)")
+    p.add_argument("--min-off", type=float, default=0.0, metavar="MIN",
+                   help="hysteresis: minutes the signal must stay uncurtailed before a window closes (default 0)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 
