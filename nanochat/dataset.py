@@ -14,6 +14,7 @@ import argparse
 import re
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,14 @@ def split_files(files: list[Path], split: str) -> list[Path]:
         raise ValueError(f"need at least 2 shards (train + validation), found {len(files)}: "
                          "run `python -m nanochat.dataset -n N` or `python -m nanochat.offline_corpus`")
     return files[:-1] if split == "train" else files[-1:]
+
+
+def iter_texts(files: list[Path]) -> Iterator[str]:
+    """Every document's text, shard by shard, one row group in memory at a time."""
+    for path in files:
+        pf = pq.ParquetFile(path)
+        for i in range(pf.num_row_groups):
+            yield from pf.read_row_group(i, columns=["text"]).column("text").to_pylist()
 
 
 def verify_parquet(path: Path) -> int:

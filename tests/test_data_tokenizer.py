@@ -149,3 +149,23 @@ def test_bad_tokenizer_input_is_reported(tmp_path: Path, tiny_tokenizer: Path) -
     (broken / RANKS_FILE).write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"tokenizer.tiktoken:301: expected '<base64> <rank>'"):
         Tokenizer.from_directory(broken)
+
+
+# ----------------------------------------------------------------------------- scripts
+
+def test_tok_train_and_tok_eval_scripts(text_shards: Path, tiny_tokenizer: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture) -> None:
+    from scripts import tok_eval, tok_train
+
+    out = tmp_path / "tok8k"
+    tok_train.main(["--max_chars=4000000", "--vocab_size=8192", "--data-dir", str(text_shards), "--out", str(out)])
+    assert "trained on 4,0" in capsys.readouterr().out       # stopped at --max_chars (plus one document)
+    assert Tokenizer.from_directory(out).get_vocab_size() == 8192
+    rows = tok_eval.main(["--tokenizer", str(tiny_tokenizer), "--tokenizer", str(out), "--data-dir", str(text_shards),
+                          "--max-docs", "200"])
+    printed = capsys.readouterr().out
+    assert "bytes/token" in printed and str(out)[-30:] in printed
+    ratio = {(Path(r["tokenizer"]).name, r["split"]): r["ratio"] for r in rows}
+    assert ratio[("tok8k", "val")] > ratio[(tiny_tokenizer.name, "val")] > 3.0   # a larger vocab compresses more
+    with pytest.raises(ValueError, match="need at least 2 shards"):
+        tok_train.main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "x")])
