@@ -1,0 +1,146 @@
+"""The data ledger: which shard each site trains, and how far it got, kept in Redis.
+
+Every site trains on shards no other site holds. A shard's record is committed only when the work on it was
+aggregated into the global model, so the ledger always describes the global model: after a crash (of a
+site, of the server) training resumes from committed positions, and the only rows trained twice are the
+rows in flight when a site died, which are re-issued.
+
+One Redis hash per run, `pilot:{run}:ledger`, field = shard file name, value = JSON:
+
+    {"owner": "client_0" | null, "done": false,
+     "cursors": [{"file": ..., "row": 118, "offset": 37}, ...] | null,    # one per rank of the owner
+     "world_size": 2}
+
+Cursors are the data loader's (nanochat/dataloader.py): in its file, rank r has finished its rows before
+`row` (rows r, r + world_size, ...), and `offset` tokens of that row. A shard taken over by a site with
+another world size resumes after the furthest cursor: it skips a few rows rather than train any twice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis
+
+from pilot.coordination import key
+
+SHARDS_PER_SITE = 2  # shards a site holds at once: enough for a round, few enough to keep data for latecomers
+
+
+@dataclass
+class ShardRecord:
+    owner: str | None = None
+    done: bool = False
+    cursors: list[dict] | None = None
+    world_size: int = 1
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str) -> ShardRecord:
+        return cls(**json.loads(raw))
+
+
+@dataclass
+class Assignment:
+    """What a site trains this round: its shards in order, and where each rank starts in the first one."""
+
+    shards: list[str]
+    cursors: list[dict] | None     # per rank, for shards[0]; None = from its beginning
+
+    def to_json(self) -> str:
+        return json.dumps({"shards": self.shards, "cursors": self.cursors})
+
+
+class Ledger:
+    def __init__(self, client: redis.Redis, run_id: str):
+        self.r = client
+        self.key = key(run_id, "ledger")
+
+    def init(self, shard_names: Sequence[str]) -> None:
+        """Register training shards; known shards keep their records (a resumed run loses nothing)."""
+        for name in shard_names:
+            self.r.hsetnx(self.key, name, ShardRecord().to_json())
+
+    def records(self) -> dict[str, ShardRecord]:
+        return {name: ShardRecord.from_json(raw) for name, raw in sorted(self.r.hgetall(self.key).items())}
+
+    def _put(self, records: dict[str, ShardRecord]) -> None:
+        if records:
+            self.r.hset(self.key, mapping={name: rec.to_json() for name, rec in records.items()})
+
+    def assign(self, site: str, world_size: int, per_site: int = SHARDS_PER_SITE) -> Assignment:
+        """The site's shards: those it holds (partly trained first), topped up with free ones."""
+        records = self.records()
+        held = [n for n, r in records.items() if r.owner == site and not r.done]
+        free = [n for n, r in records.items() if r.owner is None and not r.done]
+        # a partly trained free shard first: someone's unfinished work is picked up before new shards
+        free.sort(key=lambda n: records[n].cursors is None)
+        changed = {}
+        while len(held) < per_site and free:
+            name = free.pop(0)
+            records[name].owner = site
+            changed[name] = records[name]
+            held.append(name)
+        self._put(changed)
+        held.sort(key=lambda n: records[n].cursors is None)  # at most the first one is partly trained
+        if not held:
+            return Assignment([], None)
+        return Assignment(held, _start_cursors(records[held[0]], held[0], world_size))
+
+    def commit(self, site: str, shards: Sequence[str], cursors: Sequence[dict], world_size: int) -> None:
+        """Record aggregated progress: shards before the cursors' file are done; that file is partly done."""
+        if not cursors:
+            return
+        current = cursors[0]["file"]
+        if current not in shards:
+            raise ValueError(f"{site}'s cursor is in {current}, which is not among its shards {list(shards)}")
+        before = set(shards[: list(shards).index(current)])
+        records = self.records()
+        changed = {}
+        for name in shards:
+            rec = records.get(name)
+            if rec is None:
+                continue
+            if name == current:
+                rec.cursors, rec.world_size = [dict(c) for c in cursors], world_size
+            elif name in before:
+                rec.done, rec.cursors = True, None
+            else:
+                continue
+            changed[name] = rec
+        self._put(changed)
+
+    def finish(self, shards: Sequence[str]) -> None:
+        """The site ran out of these shards: every row was trained."""
+        records = self.records()
+        changed = {n: records[n] for n in shards if n in records}
+        for rec in changed.values():
+            rec.done, rec.cursors = True, None
+        self._put(changed)
+
+    def release(self, site: str) -> list[str]:
+        """The site is gone: its unfinished shards become free, resuming from their committed cursors."""
+        records = self.records()
+        changed = {n: r for n, r in records.items() if r.owner == site and not r.done}
+        for rec in changed.values():
+            rec.owner = None
+        self._put(changed)
+        return sorted(changed)
+
+    def exhausted(self) -> bool:
+        records = self.records()
+        return bool(records) and all(r.done for r in records.values())
+
+
+def _start_cursors(rec: ShardRecord, name: str, world_size: int) -> list[dict] | None:
+    if rec.cursors is None:
+        return None
+    if rec.world_size == world_size:
+        return [dict(c) for c in rec.cursors]
+    # another world size interleaves rows differently: start every rank after the furthest row
+    furthest = max(c["row"] + (1 if c.get("offset") else 0) for c in rec.cursors)
+    return [{"file": name, "row": furthest, "offset": 0} for _ in range(world_size)]
