@@ -1,0 +1,88 @@
+"""Publish every site's curtailment state to Redis, step by step, from a Vessim co-simulation.
+
+    python energy_simulation.py                          # the shipped scenario, live (speed-up 1)
+    python energy_simulation.py --speedup 3600           # an hour of simulated time per second
+    python energy_simulation.py --speedup 0 --days 7     # as fast as possible, the first week
+
+The Redis schema (clock, per-site states, the transition stream) is documented in
+pilot/energy/events.py. SIGTERM or Ctrl-C stop it after the current step; running it again with the
+same --run-id continues the run where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from datetime import datetime
+
+from pilot import coordination
+from pilot.energy import sites, traces
+from pilot.energy.publisher import RunMismatch
+from pilot.energy.simulation import Simulation
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("--scenario", default=None,
+                        help=f"scenario TOML (default: the shipped {sites.DEFAULT_SCENARIO.name})")
+    parser.add_argument("--run-id", default=os.environ.get("PILOT_RUN_ID", "default"),
+                        help="run id that namespaces the Redis keys (default: $PILOT_RUN_ID or 'default')")
+    parser.add_argument("--redis-url", default=None,
+                        help=f"Redis URL (default: ${coordination.REDIS_URL_ENV}, else the run's embedded server)")
+    parser.add_argument("--run-dir", default=None,
+                        help=f"run directory of the embedded Redis (default: ${coordination.RUN_DIR_ENV} or runs/default)")
+    parser.add_argument("--speedup", type=float, default=1.0,
+                        help="simulated seconds per wall second: 1 = live, 3600 = an hour per second, 0 = unpaced")
+    horizon = parser.add_mutually_exclusive_group()
+    horizon.add_argument("--days", type=float, default=None,
+                         help="stop after this many simulated days from the scenario start (default: its end)")
+    horizon.add_argument("--until", default=None, help="stop at this simulated time (ISO 8601 with time zone)")
+    return parser.parse_args(argv)
+
+
+def until_step(args: argparse.Namespace, scenario: sites.Scenario) -> int | None:
+    if args.days is not None:
+        return int(args.days * 86400) // scenario.step_s
+    if args.until is not None:
+        until = sites.parse_time(args.until, "--until")
+        return int((until - scenario.start).total_seconds()) // scenario.step_s
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame) -> None:
+        print(f"energy_simulation: {signal.Signals(signum).name}, stopping after this step", file=sys.stderr)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        scenario = sites.load_scenario(args.scenario)
+        client = coordination.connect(args.redis_url, run_dir=args.run_dir)
+    except (sites.ScenarioError, coordination.RedisUnavailable) as error:
+        print(f"energy_simulation: {error}", file=sys.stderr)
+        return 2
+    try:
+        summary = Simulation(scenario, client, args.run_id, args.speedup, stop).run(until_step(args, scenario))
+    except (RunMismatch, sites.ScenarioError, traces.TraceError) as error:
+        print(f"energy_simulation: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if not (args.redis_url or os.environ.get(coordination.REDIS_URL_ENV)):
+            coordination.release(client, args.run_dir)
+    print(f"energy_simulation: {summary.status} at step {summary.last_step} of {scenario.steps} "
+          f"({summary.transitions} transitions published in {summary.wall_s:.1f} s; run {args.run_id!r}, "
+          f"{datetime.now().isoformat(timespec='seconds')})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

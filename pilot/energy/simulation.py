@@ -1,0 +1,167 @@
+"""The co-simulation run: Vessim steps every site's microgrid, a controller decides and publishes.
+
+Each step the controller reads the microgrid states Vessim computed (generation, load, MOER grid
+signal), applies the curtailment policy per site (`policy.decide`, with hysteresis), and publishes the
+step to Redis in one transaction (publisher.py). A pacer holds simulated time to `speedup` simulated
+seconds per wall second (1 = live; 3600 = an hour per second; 0 = as fast as possible). A stop request
+(SIGTERM) takes effect between steps, so Redis always ends on a whole step; running again with the same
+run id continues from the next step.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+import pandas as pd
+import redis
+
+from pilot.energy import policy
+from pilot.energy import scenario as scenario_mod
+from pilot.energy.publisher import Publisher, Transition
+from pilot.energy.sites import Scenario
+
+PROGRESS_EVERY_S = 5.0      # wall seconds between progress lines
+
+
+class Stopped(Exception):
+    """Raised inside the Vessim loop when a stop was requested; the last whole step is published."""
+
+
+@dataclass
+class RunSummary:
+    first_step: int
+    last_step: int          # the last step published by this process (first_step - 1 if none)
+    status: str             # finished | stopped (paused at --until/--days or by a signal) | nothing-to-do
+    transitions: int
+    wall_s: float
+
+
+class Pacer:
+    """Holds a simulation to `speedup` simulated seconds per wall second; a stop event cuts waits short."""
+
+    def __init__(self, speedup: float, stop: threading.Event):
+        self.speedup = speedup
+        self.stop = stop
+        self.origin: tuple[float, float] | None = None   # (sim_ts, wall monotonic) of the first step
+
+    def wait_for(self, sim_ts: float) -> None:
+        if self.speedup <= 0:
+            return
+        if self.origin is None:
+            self.origin = (sim_ts, time.monotonic())
+            return
+        due = self.origin[1] + (sim_ts - self.origin[0]) / self.speedup
+        delay = due - time.monotonic()
+        if delay > 0:
+            self.stop.wait(delay)
+
+
+def _controller_class():
+    import vessim as vs  # noqa: PLC0415 - keep `import pilot.energy.simulation` light
+
+    class CurtailmentController(vs.Controller):
+        """Vessim calls `step` once per simulated step with every microgrid's state."""
+
+        def __init__(self, run: Simulation):
+            self.run = run
+
+        def step(self, now: datetime, microgrid_states: dict) -> None:
+            self.run.on_step(pd.Timestamp(now).timestamp(), microgrid_states)
+
+    return CurtailmentController
+
+
+class Simulation:
+    """One process's part of a run: steps [resume, until) of the scenario, published to Redis."""
+
+    def __init__(self, scenario: Scenario, client: redis.Redis, run_id: str, speedup: float = 1.0,
+                 stop: threading.Event | None = None, profiles: Mapping[str, pd.DataFrame] | None = None,
+                 log: Callable[[str], None] | None = None, publisher: Publisher | None = None):
+        self.scenario = scenario
+        self.speedup = speedup
+        self.stop = stop or threading.Event()
+        self.publisher = publisher or Publisher(client, run_id, scenario, speedup)
+        self.profiles = profiles
+        self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.pacer = Pacer(speedup, self.stop)
+        self.thresholds = {s.name: float(s.options.get("threshold") or scenario.threshold)
+                           for s in scenario.sites if s.signal == "moer"}
+        self.states: dict[str, policy.PolicyState] = {}
+        self.step = 0
+        self.transitions = 0
+        self._next_progress = 0.0
+
+    def run(self, until_step: int | None = None) -> RunSummary:
+        """Simulate and publish up to step `until_step` (exclusive; default: the scenario's end)."""
+        started = time.monotonic()
+        until_step = min(until_step if until_step is not None else self.scenario.steps, self.scenario.steps)
+        resume = self.publisher.begin()
+        first = resume.next_step
+        if first >= until_step:
+            return RunSummary(first, first - 1, "nothing-to-do", 0, time.monotonic() - started)
+        self.states = resume.states
+        self.step = first
+        if self.profiles is None:
+            self.log("building the site profiles (pvlib, windpowerlib) ...")
+            self.profiles = scenario_mod.site_profiles(self.scenario)
+        env = scenario_mod.build_environment(self.scenario, self.profiles, first, until_step)
+        env.add_controller(_controller_class()(self))
+        verb = "resuming" if first else "starting"
+        self.log(f"{verb} at step {first} ({self.scenario.start + pd.Timedelta(seconds=first * self.scenario.step_s)})"
+                 f", {len(self.scenario.sites)} sites, speed-up {self.speedup or 'unpaced'}")
+        status = "finished"
+        try:
+            env.run(until=(until_step - first) * self.scenario.step_s)
+        except Stopped:
+            status = "stopped"
+        if status == "finished" and until_step < self.scenario.steps:
+            status = "stopped"  # paused at --until; a later run goes on
+        self.publisher.set_status(status)
+        return RunSummary(first, self.step - 1, status, self.transitions, time.monotonic() - started)
+
+    def on_step(self, sim_ts: float, states: Mapping[str, Mapping]) -> None:
+        if self.stop.is_set():
+            raise Stopped()
+        self.pacer.wait_for(sim_ts)
+        if self.stop.is_set():
+            raise Stopped()
+        fields: dict[str, dict] = {}
+        transitions: list[Transition] = []
+        for site in self.scenario.sites:
+            state = states[site.name]
+            actors = state["actor_states"]
+            load = -float(actors["load"]["power"])
+            if site.signal == "moer":
+                value = float(state["grid_signals"]["moer"])
+                raw = value < self.thresholds[site.name]
+                generation = 0.0
+            else:
+                generation = float(actors["pv"]["power"]) + float(actors["wind"]["power"])
+                value = float(state["p_delta"])           # generation - load, W
+                raw = value > 0
+            old = self.states[site.name]
+            new = policy.decide(old, sim_ts, raw, self.scenario.min_on_s, self.scenario.min_off_s)
+            if new.curtailed != old.curtailed:
+                transitions.append(Transition(site.name, new.curtailed, value))
+            self.states[site.name] = new
+            fields[site.name] = {
+                "site": site.name, "region": site.region, "signal": site.signal, "raw": int(raw),
+                "value": repr(value), "generation_w": repr(generation), "load_w": repr(load),
+                "threshold": repr(self.thresholds.get(site.name, 0.0)),
+                "power_kw": repr(site.train_kw if new.curtailed else site.idle_kw), **new.to_fields()}
+        self.publisher.publish_step(self.step, sim_ts, fields, transitions)
+        self.transitions += len(transitions)
+        self.step += 1
+        if time.monotonic() >= self._next_progress:
+            self._next_progress = time.monotonic() + PROGRESS_EVERY_S
+            curtailed = [name for name, s in self.states.items() if s.curtailed]
+            self.log(f"step {self.step - 1} {publisher_iso(sim_ts)}: curtailed {curtailed or 'none'}")
+
+
+def publisher_iso(sim_ts: float) -> str:
+    return pd.Timestamp(sim_ts, unit="s", tz="UTC").isoformat()
