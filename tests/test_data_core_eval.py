@@ -1,0 +1,213 @@
+"""The CORE harness on a small task bundle built from real text, scored by hand-made models whose answers are
+known: one that always prefers the right continuation (CORE 1.0) and one that always prefers a wrong one."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import http.server
+import json
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat.core_eval import (
+    centered_accuracy,
+    crop_left,
+    ensure_eval_bundle,
+    evaluate_core,
+    load_bundle,
+    render_prompts,
+    scoring_spans,
+)
+from nanochat.offline_corpus import kjv_documents
+from nanochat.tokenizer import get_tokenizer
+
+N_ITEMS = 16
+TASKS = [  # label, type, few-shot, random baseline (%)
+    ("kjv_multiple_choice", "multiple_choice", 3, 25.0),
+    ("kjv_schema", "schema", 2, 50.0),
+    ("kjv_language_modeling", "language_modeling", 1, 0.0),
+]
+
+
+def verse_halves() -> list[tuple[str, str]]:
+    verses = [v for doc in list(kjv_documents())[:3] for v in doc.text.split("\n")[2:]]
+    out = []
+    for v in verses:
+        words = v.split()
+        if len(words) >= 10:
+            out.append((" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2:])))
+    return out
+
+
+def build_bundle(root: Path) -> Path:
+    """A bundle in the eval_bundle layout: core.yaml, eval_data/*.jsonl, eval_meta_data.csv."""
+    halves = verse_halves()
+    (root / "eval_data").mkdir(parents=True)
+    mc, schema, lm = [], [], []
+    for i in range(N_ITEMS):
+        first, second = halves[i]
+        gold = i % 4
+        others = [halves[(i + k) % len(halves)][1] for k in (5, 9, 13)]
+        mc.append({"query": first, "choices": others[:gold] + [second] + others[gold:], "gold": gold})
+        other_first = halves[(i + 7) % len(halves)][0]
+        schema.append({"context_options": [first, other_first] if i % 2 == 0 else [other_first, first],
+                       "continuation": second, "gold": i % 2})
+        words = (first + " " + second).split()
+        lm.append({"context": " ".join(words[:-3]), "continuation": " ".join(words[-3:])})
+    for (label, *_), items in zip(TASKS, (mc, schema, lm), strict=True):
+        (root / "eval_data" / f"{label}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
+    yaml_lines = ["icl_tasks:"]
+    for label, kind, shots, _ in TASKS:
+        yaml_lines += [f"- label: {label}", f"  dataset_uri: {label}.jsonl", f"  num_fewshot: [{shots}]",
+                       f"  icl_task_type: {kind}", "  continuation_delimiter: ' '"]
+    (root / "core.yaml").write_text("\n".join(yaml_lines) + "\n")
+    with (root / "eval_meta_data.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Eval Task", "Task Category", "Task Type", "#shots", "#datapoints", "Random baseline"])
+        for label, kind, shots, base in TASKS:
+            w.writerow([label, "test", kind, shots, N_ITEMS, base])
+    return root
+
+
+class TrieScorer(torch.nn.Module):
+    """Knows a set of token sequences: after any prefix of one of them it puts a large logit on the tokens that
+    continue it, elsewhere it predicts uniformly. model(idx) -> logits [B, T, V], the GPT call convention."""
+
+    def __init__(self, sequences: list[list[int]], vocab: int):
+        super().__init__()
+        self.vocab, self.root = vocab, {}
+        for seq in sequences:
+            node = self.root
+            for t in seq:
+                node = node.setdefault(t, {})
+
+    def forward(self, idx: torch.Tensor, targets=None):
+        logits = torch.zeros(*idx.shape, self.vocab)
+        for b, row in enumerate(idx.tolist()):
+            node = self.root
+            for t, token in enumerate(row):
+                node = node.get(token) if node is not None else None
+                if node is None:
+                    break
+                for nxt in node:
+                    logits[b, t, nxt] = 20.0
+        return logits
+
+
+def scorer_for(bundle: Path, tok, pick) -> TrieScorer:
+    """`pick(task, item, prompts)` chooses the one prompt per example that the scorer will prefer."""
+    seqs = []
+    for task, items in load_bundle(bundle):
+        for i, item in enumerate(items):
+            seqs.append(tok.encode(pick(task, item, render_prompts(task, items, i)), prepend="<|bos|>"))
+    return TrieScorer(seqs, tok.get_vocab_size())
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_bundle(tmp_path_factory.mktemp("core") / "eval_bundle")
+
+
+def test_a_model_preferring_the_right_answers_scores_one(bundle: Path, tiny_tokenizer: Path) -> None:
+    tok = get_tokenizer(tiny_tokenizer)
+
+    def right(task, item, prompts):
+        return prompts[0] if task.task_type == "language_modeling" else prompts[item["gold"]]
+
+    scorer = scorer_for(bundle, tok, right)
+    result = evaluate_core(scorer, tok, bundle, log=None)
+    assert result["core"] == 1.0
+    assert {k: v["accuracy"] for k, v in result["tasks"].items()} == {label: 1.0 for label, *_ in TASKS}
+    assert all(v["examples"] == N_ITEMS for v in result["tasks"].values())
+    lines = []
+    few = evaluate_core(scorer, tok, bundle, max_per_task=4, log=lines.append)
+    assert all(v["examples"] == 4 for v in few["tasks"].values()) and few["core"] == 1.0
+    assert len(lines) == 3 and "kjv_schema" in lines[1]
+
+
+def test_a_model_preferring_wrong_answers_scores_below_chance(bundle: Path, tiny_tokenizer: Path) -> None:
+    tok = get_tokenizer(tiny_tokenizer)
+
+    def wrong(task, item, prompts):
+        if task.task_type == "language_modeling":
+            return prompts[1] + " and the LORD said"           # a continuation that is not the right one
+        return prompts[(item["gold"] + 1) % len(prompts)]
+
+    result = evaluate_core(scorer_for(bundle, tok, wrong), tok, bundle, log=None)
+    accs = {k: v["accuracy"] for k, v in result["tasks"].items()}
+    assert accs == {label: 0.0 for label, *_ in TASKS}
+    # centred: guessing is 0, so always-wrong is -b/(1-b): -1/3 for 4 choices, -1 for 2, 0 for exact match
+    assert result["core"] == pytest.approx((-1 / 3 - 1 + 0) / 3)
+
+
+def test_prompts_fewshot_and_spans(bundle: Path, tiny_tokenizer: Path) -> None:
+    tok = get_tokenizer(tiny_tokenizer)
+    tasks = dict((t.label, (t, items)) for t, items in load_bundle(bundle))
+    task, items = tasks["kjv_multiple_choice"]
+    prompts = render_prompts(task, items, 3)
+    assert len(prompts) == 4 and all(p.count("\n\n") == 3 for p in prompts)   # 3 solved examples first
+    assert all(p.endswith(f"{items[3]['query']} {c}") for p, c in zip(prompts, items[3]["choices"], strict=True))
+    assert items[3]["query"] not in prompts[0].split("\n\n")[0]              # never its own example
+    assert render_prompts(task, items, 3) == prompts                          # deterministic
+    seqs, spans = scoring_spans("multiple_choice", tok.encode(prompts, prepend="<|bos|>"))
+    for s, (a, b), choice in zip(seqs, spans, items[3]["choices"], strict=True):
+        assert b == len(s) and choice.split()[-1] in tok.decode(s[a:b])
+        assert all(s[:a] == seqs[0][:a] for s in seqs)
+    seqs, spans = scoring_spans("schema", [[1, 5, 6, 9, 9], [1, 7, 9, 9]])
+    assert spans == [(3, 5), (2, 4)]
+    seqs, spans = scoring_spans("language_modeling", [[1, 2, 3, 4, 5], [1, 2, 3]])
+    assert seqs == [[1, 2, 3, 4, 5]] and spans == [(3, 5)]
+    assert crop_left([[1, 2, 3, 4, 5, 6]], [(4, 6)], 4) == ([[3, 4, 5, 6]], [(2, 4)])
+    assert centered_accuracy(0.25, 0.25) == 0.0 and centered_accuracy(1.0, 0.5) == 1.0
+
+
+def test_bundle_errors_name_the_file(tmp_path: Path, bundle: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="core.yaml is missing"):
+        load_bundle(tmp_path)
+    broken = tmp_path / "b"
+    broken.mkdir()
+    for name in ("core.yaml", "eval_meta_data.csv"):
+        (broken / name).write_text((bundle / name).read_text())
+    (broken / "eval_data").mkdir()
+    for f in (bundle / "eval_data").iterdir():
+        (broken / "eval_data" / f.name).write_text(f.read_text())
+    (broken / "eval_data" / "kjv_schema.jsonl").write_text('{"context_options": [\n')
+    with pytest.raises(ValueError, match=r"kjv_schema.jsonl:1: not JSON"):
+        load_bundle(broken)
+    (broken / "core.yaml").write_text("icl_tasks:\n- label: kjv_schema\n  dataset_uri: x.jsonl\n  icl_task_type: poll\n")
+    with pytest.raises(ValueError, match=r"icl_tasks\[0\]: icl_task_type 'poll'"):
+        load_bundle(broken)
+
+
+def test_bundle_is_downloaded_once_over_http(bundle: Path, tmp_path: Path) -> None:
+    served = tmp_path / "served"
+    served.mkdir()
+    with zipfile.ZipFile(served / "eval_bundle.zip", "w") as z:
+        for f in bundle.rglob("*"):
+            z.write(f, Path("eval_bundle") / f.relative_to(bundle))
+    (served / "junk.zip").write_bytes(b"not a zip")
+    hits = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            hits.append(self.path)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        base = tmp_path / "base"
+        got = ensure_eval_bundle(base, f"{url}/eval_bundle.zip")
+        assert got == base / "eval_bundle" and [t.label for t, _ in load_bundle(got)] == [t[0] for t in TASKS]
+        assert ensure_eval_bundle(base, f"{url}/eval_bundle.zip") == got and len(hits) == 1   # cached
+        with pytest.raises(ValueError, match="junk.zip: not a zip archive"):
+            ensure_eval_bundle(tmp_path / "other", f"{url}/junk.zip")
+        assert not (tmp_path / "other" / "eval_bundle").exists()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
