@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanochat.core_eval import (
     centered_accuracy,
@@ -23,8 +24,11 @@ from nanochat.core_eval import (
     render_prompts,
     scoring_spans,
 )
+from nanochat.dataloader import DataLoader
+from nanochat.dataset import list_parquet_files
 from nanochat.offline_corpus import kjv_documents
-from nanochat.tokenizer import get_tokenizer
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
+from scripts.base_eval import resolve_checkpoint, run_evals
 
 N_ITEMS = 16
 TASKS = [  # label, type, few-shot, random baseline (%)
@@ -86,7 +90,7 @@ class TrieScorer(torch.nn.Module):
             for t in seq:
                 node = node.setdefault(t, {})
 
-    def forward(self, idx: torch.Tensor, targets=None):
+    def forward(self, idx: torch.Tensor, targets=None, loss_reduction="mean"):
         logits = torch.zeros(*idx.shape, self.vocab)
         for b, row in enumerate(idx.tolist()):
             node = self.root
@@ -96,7 +100,10 @@ class TrieScorer(torch.nn.Module):
                     break
                 for nxt in node:
                     logits[b, t, nxt] = 20.0
-        return logits
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, self.vocab), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
 
 
 def scorer_for(bundle: Path, tok, pick) -> TrieScorer:
@@ -211,3 +218,33 @@ def test_bundle_is_downloaded_once_over_http(bundle: Path, tmp_path: Path) -> No
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_base_eval_runs_core_and_bpb(bundle: Path, tiny_tokenizer: Path, text_shards: Path) -> None:
+    tok, token_bytes = get_tokenizer(tiny_tokenizer), get_token_bytes(tiny_tokenizer)
+    val_files = list_parquet_files(text_shards)[-1:]
+
+    def right(task, item, prompts):
+        return prompts[0] if task.task_type == "language_modeling" else prompts[item["gold"]]
+
+    results = run_evals(scorer_for(bundle, tok, right), tok, token_bytes, ["core"], bundle_dir=bundle, seq_len=1024)
+    assert results["core"] == 1.0 and set(results["core_tasks"]) == {label for label, *_ in TASKS}
+    assert "val_bpb" not in results
+    # a scorer that knows no sequence is uniform: ln V nats for every counted target of the first 4 batches
+    results = run_evals(TrieScorer([], tok.get_vocab_size()), tok, token_bytes, ["bpb"], val_files=val_files,
+                        seq_len=64, batch_size=2, bpb_tokens=4 * 2 * 64)
+    targets = torch.cat([y.flatten() for _, (_, y) in zip(range(4), DataLoader(tok, 2, 64, files=val_files), strict=False)])
+    expected = 12 * int((token_bytes[targets] > 0).sum()) / int(token_bytes[targets].sum())   # log2(4096) = 12
+    assert results["val_bpb"] == pytest.approx(expected) and "core" not in results
+
+
+def test_checkpoint_argument_is_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    run = tmp_path / "base_checkpoints" / "baseline"
+    run.mkdir(parents=True)
+    (run / "final_model.safetensors").write_bytes(b"")
+    assert resolve_checkpoint(str(run / "final_model.pt")) == run / "final_model.safetensors"
+    monkeypatch.chdir(tmp_path)
+    assert resolve_checkpoint("final_model.pt") == run / "final_model.safetensors"   # the seed's command
+    with pytest.raises(FileNotFoundError, match="checkpoints are safetensors, not .pt"):
+        resolve_checkpoint("other_model.pt")
