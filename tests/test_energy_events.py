@@ -126,14 +126,14 @@ def test_stop_and_resume_continue_the_same_run(redis_client, moer_scenario):
 def test_a_stop_request_ends_on_a_whole_step(redis_client, moer_scenario):
     stop = threading.Event()
     sim = Simulation(moer_scenario, redis_client, "stop", speedup=0, stop=stop, log=quiet)
-    original = sim.publisher.publish_step
+    original = sim.publisher.stage_step
 
-    def publish_then_stop(step, *args, **kwargs):
+    def stage_then_stop(step, *args, **kwargs):
         original(step, *args, **kwargs)
         if step == 11:
             stop.set()
 
-    sim.publisher.publish_step = publish_then_stop
+    sim.publisher.stage_step = stage_then_stop
     summary = sim.run()
     assert summary.status == "stopped" and summary.last_step == 11
     consumer = EnergyEvents(redis_client, "stop")

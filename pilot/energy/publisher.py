@@ -1,4 +1,8 @@
-"""The writing side of the energy schema (documented in events.py): one MULTI/EXEC per simulated step.
+"""The writing side of the energy schema (documented in events.py): steps go out in MULTI/EXEC transactions.
+
+Paced, every step is its own transaction. Unpaced (or behind the clock), the simulation stages steps and
+flushes them together at least every few tens of milliseconds (simulation.py), which is what lets it run
+a year of three sites in seconds; a transaction always ends on a whole step.
 
 Because a step's site states, its transition events and the clock go in one transaction, a crash or
 SIGTERM leaves Redis at a step boundary: the restarted simulation resumes after `clock.step`, and
@@ -64,6 +68,9 @@ class Publisher:
         self.site_keys = {site.name: events.site_key(run_id, site.name) for site in scenario.sites}
         self._clock_fixed = {"step_s": scenario.step_s, "start": scenario.start.isoformat(),
                              "end": scenario.end.isoformat(), "speedup": repr(float(speedup))}
+        self._sites: dict[str, dict[str, Any]] = {}
+        self._events: list[tuple[str, dict[str, Any]]] = []
+        self._clock: dict[str, Any] | None = None
 
     def begin(self) -> Resume:
         """Register the run (or check that it is the same scenario) and say where to resume."""
@@ -86,19 +93,42 @@ class Publisher:
     def publish_step(self, step: int, sim_ts: float, site_fields: Mapping[str, Mapping[str, Any]],
                      transitions: Sequence[Transition]) -> None:
         """Everything of one step, atomically: site hashes, transition events, then the clock."""
+        self.stage_step(step, sim_ts, site_fields, transitions)
+        self.flush()
+
+    def stage_step(self, step: int, sim_ts: float, site_fields: Mapping[str, Mapping[str, Any]],
+                   transitions: Sequence[Transition]) -> None:
+        """Hold a step for the next `flush`; staged steps go out together, in one transaction.
+
+        Only the last staged state of a site is written (nobody could observe the ones before it inside
+        one transaction); every transition event is.
+        """
         sim_time = iso(sim_ts)
-        pipe = self.client.pipeline(transaction=True)
         for name, fields in site_fields.items():
-            pipe.hset(self.site_keys[name], mapping={**fields, "sim_time": sim_time, "sim_ts": repr(sim_ts),
-                                                     "step": step})
+            self._sites[name] = {**fields, "sim_time": sim_time, "sim_ts": repr(sim_ts), "step": step}
         ms = int(round(sim_ts * 1000))
         for n, t in enumerate(transitions):
-            pipe.xadd(self.stream_key, {"site": t.site, "curtailed": int(t.curtailed), "sim_time": sim_time,
-                                        "sim_ts": repr(sim_ts), "step": step, "value": repr(float(t.value))},
-                      id=f"{ms}-{n}")
-        pipe.hset(self.clock_key, mapping={**self._clock_fixed, "sim_time": sim_time, "sim_ts": repr(sim_ts),
-                                           "step": step, "wall_ts": repr(time.time()), "status": "running"})
+            self._events.append((f"{ms}-{n}", {"site": t.site, "curtailed": int(t.curtailed), "sim_time": sim_time,
+                                               "sim_ts": repr(sim_ts), "step": step, "value": repr(float(t.value))}))
+        self._clock = {**self._clock_fixed, "sim_time": sim_time, "sim_ts": repr(sim_ts), "step": step,
+                       "status": "running"}
+
+    @property
+    def staged(self) -> bool:
+        return self._clock is not None
+
+    def flush(self) -> None:
+        """Write the staged steps: site hashes, then events in order, then the clock, in one MULTI/EXEC."""
+        if self._clock is None:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        for name, fields in self._sites.items():
+            pipe.hset(self.site_keys[name], mapping=fields)
+        for entry_id, fields in self._events:
+            pipe.xadd(self.stream_key, fields, id=entry_id)
+        pipe.hset(self.clock_key, mapping={**self._clock, "wall_ts": repr(time.time())})
         pipe.execute()
+        self._sites, self._events, self._clock = {}, [], None
 
     def set_status(self, status: str) -> None:
         """running | stopped | finished, kept on the clock hash (nothing else changes)."""

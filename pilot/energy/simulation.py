@@ -2,7 +2,8 @@
 
 Each step the controller reads the microgrid states Vessim computed (generation, load, MOER grid
 signal), applies the curtailment policy per site (`policy.decide`, with hysteresis), and publishes the
-step to Redis in one transaction (publisher.py). A pacer holds simulated time to `speedup` simulated
+step to Redis in a transaction (publisher.py): paced, each step as soon as it is computed; unpaced,
+steps are batched into one transaction at most MAX_BATCH_S of wall time apart. A pacer holds simulated time to `speedup` simulated
 seconds per wall second (1 = live; 3600 = an hour per second; 0 = as fast as possible). A stop request
 (SIGTERM) takes effect between steps, so Redis always ends on a whole step; running again with the same
 run id continues from the next step.
@@ -26,6 +27,7 @@ from pilot.energy.publisher import Publisher, Transition
 from pilot.energy.sites import Scenario
 
 PROGRESS_EVERY_S = 5.0      # wall seconds between progress lines
+MAX_BATCH_S = 0.05          # unpaced, steps are published together at least this often (wall seconds)
 
 
 class Stopped(Exception):
@@ -49,16 +51,17 @@ class Pacer:
         self.stop = stop
         self.origin: tuple[float, float] | None = None   # (sim_ts, wall monotonic) of the first step
 
-    def wait_for(self, sim_ts: float) -> None:
+    def delay(self, sim_ts: float) -> float:
+        """Wall seconds until `sim_ts` is due (<= 0: due now)."""
         if self.speedup <= 0:
-            return
+            return 0.0
         if self.origin is None:
             self.origin = (sim_ts, time.monotonic())
-            return
-        due = self.origin[1] + (sim_ts - self.origin[0]) / self.speedup
-        delay = due - time.monotonic()
-        if delay > 0:
-            self.stop.wait(delay)
+        return self.origin[1] + (sim_ts - self.origin[0]) / self.speedup - time.monotonic()
+
+    def wait(self, seconds: float) -> None:
+        if seconds > 0:
+            self.stop.wait(seconds)
 
 
 def _controller_class():
@@ -95,6 +98,7 @@ class Simulation:
         self.step = 0
         self.transitions = 0
         self._next_progress = 0.0
+        self._last_flush = time.monotonic()
 
     def run(self, until_step: int | None = None) -> RunSummary:
         """Simulate and publish up to step `until_step` (exclusive; default: the scenario's end)."""
@@ -119,15 +123,23 @@ class Simulation:
             env.run(until=(until_step - first) * self.scenario.step_s)
         except Stopped:
             status = "stopped"
+        self._flush()                  # staged steps are whole steps: they go out before the status
         if status == "finished" and until_step < self.scenario.steps:
             status = "stopped"  # paused at --until; a later run goes on
         self.publisher.set_status(status)
         return RunSummary(first, self.step - 1, status, self.transitions, time.monotonic() - started)
 
+    def _flush(self) -> None:
+        self.publisher.flush()
+        self._last_flush = time.monotonic()
+
     def on_step(self, sim_ts: float, states: Mapping[str, Mapping]) -> None:
         if self.stop.is_set():
             raise Stopped()
-        self.pacer.wait_for(sim_ts)
+        delay = self.pacer.delay(sim_ts)
+        if delay > 0:
+            self._flush()              # ahead of the clock: publish what is staged, then wait
+            self.pacer.wait(delay)
         if self.stop.is_set():
             raise Stopped()
         fields: dict[str, dict] = {}
@@ -154,9 +166,13 @@ class Simulation:
                 "value": repr(value), "generation_w": repr(generation), "load_w": repr(load),
                 "threshold": repr(self.thresholds.get(site.name, 0.0)),
                 "power_kw": repr(site.train_kw if new.curtailed else site.idle_kw), **new.to_fields()}
-        self.publisher.publish_step(self.step, sim_ts, fields, transitions)
+        self.publisher.stage_step(self.step, sim_ts, fields, transitions)
         self.transitions += len(transitions)
         self.step += 1
+        if self.speedup > 0 and self.pacer.delay(sim_ts + self.scenario.step_s) > 0:
+            self._flush()              # the next step is not due yet: this one goes out now
+        elif time.monotonic() - self._last_flush >= MAX_BATCH_S:
+            self._flush()
         if time.monotonic() >= self._next_progress:
             self._next_progress = time.monotonic() + PROGRESS_EVERY_S
             curtailed = [name for name, s in self.states.items() if s.curtailed]
