@@ -138,3 +138,12 @@ def test_sigterm_then_restart_continues_the_same_run(tmp_path, redis_server, red
     ids = [tuple(map(int, e.id.split("-"))) for e in consumer.history()]
     assert ids == sorted(set(ids))
     assert np.isclose(finished.sim_ts, short.start.timestamp() + (short.steps - 1) * short.step_s)
+
+
+def test_week_plot_is_written(tmp_path, default_scenario):
+    from pilot.energy.plot import plot_window
+
+    out = plot_window(default_scenario, default_scenario.start + (default_scenario.end - default_scenario.start) / 4,
+                      2, tmp_path / "week.png")
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
