@@ -63,11 +63,16 @@ def split_files(files: list[Path], split: str) -> list[Path]:
 
 
 def iter_texts(files: list[Path]) -> Iterator[str]:
-    """Every document's text, shard by shard, one row group in memory at a time."""
+    """Every document's text, shard by shard, one row group in memory at a time. An unreadable shard is
+    reported by name on stderr and the rest of it skipped."""
     for path in files:
-        pf = pq.ParquetFile(path)
-        for i in range(pf.num_row_groups):
-            yield from pf.read_row_group(i, columns=["text"]).column("text").to_pylist()
+        try:
+            pf = pq.ParquetFile(path)
+            for i in range(pf.num_row_groups):
+                yield from pf.read_row_group(i, columns=["text"]).column("text").to_pylist()
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError for truncated or garbled files
+            print(f"warning: {path.name}: unreadable shard, skipping the rest of it ({type(e).__name__}: {e})",
+                  file=sys.stderr)
 
 
 def verify_parquet(path: Path) -> int:

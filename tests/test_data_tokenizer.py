@@ -169,3 +169,15 @@ def test_tok_train_and_tok_eval_scripts(text_shards: Path, tiny_tokenizer: Path,
     assert ratio[("tok8k", "val")] > ratio[(tiny_tokenizer.name, "val")] > 3.0   # a larger vocab compresses more
     with pytest.raises(ValueError, match="need at least 2 shards"):
         tok_train.main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "x")])
+
+
+def test_iter_texts_reports_and_skips_an_unreadable_shard(text_shards: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    from nanochat.dataset import iter_texts
+
+    good = list_parquet_files(text_shards)[:2]
+    broken = tmp_path / "shard_00007.parquet"
+    broken.write_bytes(good[1].read_bytes()[:5000])
+    texts = list(iter_texts([good[0], broken, good[1]]))
+    assert texts == read_texts(good[0]) + read_texts(good[1])
+    assert "shard_00007.parquet: unreadable shard" in capsys.readouterr().err
