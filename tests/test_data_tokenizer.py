@@ -181,3 +181,22 @@ def test_iter_texts_reports_and_skips_an_unreadable_shard(text_shards: Path, tmp
     texts = list(iter_texts([good[0], broken, good[1]]))
     assert texts == read_texts(good[0]) + read_texts(good[1])
     assert "shard_00007.parquet: unreadable shard" in capsys.readouterr().err
+
+
+def test_commands_use_the_base_dir(tmp_path: Path) -> None:
+    """The user's path: build shards, train a tokenizer, measure it, all under $NANOCHAT_BASE_DIR."""
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+
+    env = subprocess_env(NANOCHAT_BASE_DIR=str(tmp_path))
+    root = Path(__file__).resolve().parents[1]
+    for cmd in (["-m", "nanochat.offline_corpus", "--num-shards", "3", "--max-chars", "300000"],
+                ["-m", "scripts.tok_train", "--max_chars=200000", "--vocab_size=1024"],
+                ["-m", "scripts.tok_eval", "--max-docs", "20"]):
+        done = subprocess.run([sys.executable, *cmd], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    assert [p.name for p in list_parquet_files(tmp_path / "base_data")] == [f"shard_0000{i}.parquet" for i in range(3)]
+    assert get_tokenizer(tmp_path / "tokenizer").get_vocab_size() == 1024
+    assert re.search(r"1024 +val +\d+ +[\d.]+ +\d+ +[\d.]+", done.stdout)
