@@ -78,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not (args.redis_url or os.environ.get(coordination.REDIS_URL_ENV)):
             coordination.release(client, args.run_dir)
-    print(f"energy_simulation: {summary.status} at step {summary.last_step} of {scenario.steps} "
+    status = summary.status
+    if status == "stopped" and not stop.is_set():
+        status = "paused at the --days/--until horizon (run again with a later one to go on)"
+    print(f"energy_simulation: {status}; last step {summary.last_step} of {scenario.steps} "
           f"({summary.transitions} transitions published in {summary.wall_s:.1f} s; run {args.run_id!r}, "
           f"{datetime.now().isoformat(timespec='seconds')})", file=sys.stderr)
     return 0

@@ -147,3 +147,19 @@ def test_week_plot_is_written(tmp_path, default_scenario):
                       2, tmp_path / "week.png")
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+@pytest.mark.parametrize("change, message", [
+    (('turbines = 1', 'turbines = 1\ncolour = "red"'), "unknown key(s) ['colour']"),
+    (('gpus = 4\n', ''), "missing key(s) ['gpus']"),
+    (('start = "2025-01-01T00:00:00Z"', 'start = "2025-01-01T00:00:00"'), "has no time zone"),
+    (('name = "client_1"', 'name = "client_0"'), "site names must be unique"),
+    (('signal = "surplus"', 'signal = "sunshine"'), "signal must be one of"),
+    (('gpu_idle_kw = 0.1', 'gpu_idle_kw = "low"'), "gpu_idle_kw must be a number"),
+])
+def test_bad_scenario_files_say_which_file_and_key(tmp_path, change, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(sites.DEFAULT_SCENARIO.read_text().replace(*change, 1))
+    with pytest.raises(sites.ScenarioError) as info:
+        sites.load_scenario(path)
+    assert str(path) in str(info.value) and message in str(info.value)

@@ -112,3 +112,32 @@ def test_wrong_password_and_missing_credentials_are_clear(server, tmp_path, monk
     monkeypatch.delenv("WATTTIME_USER")   # the client's own variable, which our call filled in
     with pytest.raises(watttime.WattTimeError, match="needs credentials"):
         watttime.latest_moer("CAISO_NORTH", base_url=server)
+
+
+def test_a_scenario_site_can_take_its_moer_from_watttime(server, tmp_path, monkeypatch, redis_client):
+    from pilot.energy import sites
+    from pilot.energy.events import EnergyEvents
+    from pilot.energy.simulation import Simulation
+
+    monkeypatch.setenv("WATTTIME_API_URL", server)
+    monkeypatch.setenv("PILOT_WATTTIME_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "s.toml").write_text("""
+[scenario]
+start = "2025-06-01T00:00:00Z"
+end = "2025-06-03T00:00:00Z"
+
+[[sites]]
+name = "client_0"
+region = "CAISO_NORTH"
+signal = "moer"
+gpus = 1
+gpu_train_kw = 0.7
+gpu_idle_kw = 0.1
+moer_trace = "watttime"
+""")
+    scenario = sites.load_scenario(tmp_path / "s.toml")
+    Simulation(scenario, redis_client, "wt", speedup=0, log=lambda _t: None).run()
+    got = [(e.curtailed, e.sim_time) for e in EnergyEvents(redis_client, "wt").history()]
+    assert got == [(True, "2025-06-01T10:00:00+00:00"), (False, "2025-06-01T14:00:00+00:00"),
+                   (True, "2025-06-02T10:00:00+00:00"), (False, "2025-06-02T14:00:00+00:00")]
+    assert list((tmp_path / "cache").glob("CAISO_NORTH_co2_moer_*.csv"))

@@ -34,6 +34,7 @@ PV_DC_AC_RATIO = 1.1           # inverter sized 10% below the array's peak
 HELLMAN_EXPONENT = 1 / 7       # wind shear over open land
 TMY_WIND_HEIGHT_M = 10.0       # anemometer height of TMY wind speed
 LOAD_DAY_START_H, LOAD_DAY_END_H = 7.0, 19.0   # the load's daytime bump, local standard time
+WATTTIME_SOURCE = "watttime"   # moer_trace = "watttime": download the span through the official client
 DAYS_BEFORE_MONTH = np.cumsum([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30])   # a year of 365 days
 
 
@@ -165,11 +166,16 @@ def surplus_profile(site: Site, scenario: Scenario, times: np.ndarray) -> pd.Dat
 def moer_profile(site: Site, scenario: Scenario, times: np.ndarray,
                  moer: Mapping[str, pd.Series] | None = None) -> pd.DataFrame:
     if moer is None or site.region not in moer:
-        if not site.options.get("moer_trace"):
-            raise ScenarioError(f"site {site.name}: a 'moer' site needs moer_trace = FILE")
-        moer = traces.read_moer_csv(site.options["moer_trace"])
+        source = site.options.get("moer_trace")
+        if not source:
+            raise ScenarioError(f"site {site.name}: a 'moer' site needs moer_trace = FILE (or \"watttime\")")
+        if source == WATTTIME_SOURCE:   # the scenario's span from WattTime, cached after the first download
+            from pilot.energy import watttime  # noqa: PLC0415
+
+            source = watttime.download_history(site.region, scenario.start, scenario.end)
+        moer = traces.read_moer_csv(source)
         if site.region not in moer:
-            raise traces.TraceError(f"{site.options['moer_trace']}: no column for region {site.region!r} "
+            raise traces.TraceError(f"{source}: no column for region {site.region!r} "
                                     f"of site {site.name}; the file has {sorted(moer)}")
     series = moer[site.region]
     sample_times = traces.epoch_seconds(series.index)

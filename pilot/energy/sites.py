@@ -51,7 +51,8 @@ SURPLUS_KEYS: dict[str, Any] = {
     "load_base_kw": None,     # the site's own load: a base ...
     "load_peak_kw": 0.0,      # ... plus a daytime bump (local 07-19 h, peak at 13 h)
 }
-MOER_KEYS: dict[str, Any] = {"moer_trace": None,   # a MOER trace file with a column for `region`
+MOER_KEYS: dict[str, Any] = {"moer_trace": None,   # a MOER trace file with a column for `region`, or
+                             #   "watttime": the scenario's span downloaded with WattTime's client, cached
                              "threshold": None}    # optional: this site's own threshold
 
 

@@ -3,7 +3,8 @@
 Credentials come from the environment: WATTTIME_USERNAME (or the client's own WATTTIME_USER) and
 WATTTIME_PASSWORD. The API's address is the client's `url_base` (https://api.watttime.org, or
 $WATTTIME_API_URL); `base_url=` here overrides it per call, which is how tests point the client at a local
-server that speaks the same protocol.
+server that speaks the same protocol. Downloads are cached in runs/watttime/ ($PILOT_WATTTIME_CACHE).
+A scenario site with `moer_trace = "watttime"` downloads its span this way (scenario.py).
 
     path = download_history("CAISO_NORTH", start, end, cache_dir)   # long CSV, reused when cached
     when, moer = latest_moer("CAISO_NORTH")                          # live polling (the nowcast)
@@ -26,8 +27,9 @@ from pilot.energy import traces
 
 USERNAME_ENVS = ("WATTTIME_USERNAME", "WATTTIME_USER")
 PASSWORD_ENV = "WATTTIME_PASSWORD"
+URL_ENV = "WATTTIME_API_URL"   # the client's own variable for the API's address
 SIGNAL_TYPE = "co2_moer"
-DEFAULT_CACHE_DIR = Path("runs") / "watttime"
+CACHE_ENV = "PILOT_WATTTIME_CACHE"   # where downloads are cached; default runs/watttime
 
 
 class WattTimeError(RuntimeError):
@@ -50,6 +52,7 @@ def _client(kind: str, base_url: str | None):
     # the client reads its credentials from WATTTIME_USER/WATTTIME_PASSWORD at every (re-)login
     os.environ["WATTTIME_USER"], os.environ[PASSWORD_ENV] = user, password
     client = getattr(watttime, kind)()
+    base_url = base_url or os.environ.get(URL_ENV)   # read now: the client reads it only at its import
     if base_url:
         client.url_base = base_url.rstrip("/")
     return client
@@ -69,7 +72,11 @@ def cache_path(cache_dir: str | Path, region: str, start: datetime, end: datetim
     return Path(cache_dir) / f"{region}_{SIGNAL_TYPE}_{s.strftime(stamp)}_{e.strftime(stamp)}.csv"
 
 
-def download_history(region: str, start: datetime, end: datetime, cache_dir: str | Path = DEFAULT_CACHE_DIR,
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path("runs") / "watttime")
+
+
+def download_history(region: str, start: datetime, end: datetime, cache_dir: str | Path | None = None,
                      base_url: str | None = None) -> Path:
     """Historical MOER of `region` over [start, end] as a long CSV (point_time,value) in `cache_dir`.
 
@@ -77,7 +84,7 @@ def download_history(region: str, start: datetime, end: datetime, cache_dir: str
     """
     if start.tzinfo is None or end.tzinfo is None:
         raise ValueError("start and end need a time zone")
-    path = cache_path(cache_dir, region, start, end)
+    path = cache_path(cache_dir or default_cache_dir(), region, start, end)
     if path.is_file():
         return path
     import requests  # noqa: PLC0415
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--region", required=True)
     p.add_argument("--start", required=True, help="ISO 8601 with time zone")
     p.add_argument("--end", required=True, help="ISO 8601 with time zone")
-    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
+    p.add_argument("--cache-dir", default=None, help=f"default: ${CACHE_ENV} or runs/watttime")
     p = sub.add_parser("now", help="print the current MOER (nowcast)")
     p.add_argument("--region", required=True)
     args = parser.parse_args(argv)
