@@ -248,3 +248,40 @@ def test_checkpoint_argument_is_resolved(tmp_path: Path, monkeypatch: pytest.Mon
     assert resolve_checkpoint("final_model.pt") == run / "final_model.safetensors"   # the seed's command
     with pytest.raises(FileNotFoundError, match="checkpoints are safetensors, not .pt"):
         resolve_checkpoint("other_model.pt")
+
+
+def test_base_eval_command_on_a_saved_model(bundle: Path, tiny_tokenizer: Path, text_shards: Path,
+                                            tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from nanochat import checkpoint
+    from nanochat.core_eval import evaluate_core
+    from nanochat.gpt import GPT, config_from_depth
+    from nanochat.loss_eval import evaluate_bpb
+    from scripts import base_eval
+
+    tok = get_tokenizer(tiny_tokenizer)
+    torch.manual_seed(0)
+    config = config_from_depth(2, vocab_size=tok.get_vocab_size(), sequence_len=64)
+    model = GPT(config)
+    model.init_weights()
+    path = checkpoint.save_model(tmp_path / "final_model.safetensors", model.state_dict(), config.to_dict())
+    common = ["--tokenizer", str(tiny_tokenizer), "--data-dir", str(text_shards), "--bundle", str(bundle),
+              "--device", "cpu"]
+    out = tmp_path / "results.json"
+    assert base_eval.main(["--checkpoint", str(tmp_path / "final_model.pt"), *common, "--max-per-task", "3",
+                           "--bpb-tokens", "512", "--batch-size", "2", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["checkpoint"] == str(path)
+    # the numbers are those of the saved model, evaluated directly
+    model.eval()
+    val = DataLoader(tok, 2, 64, files=list_parquet_files(text_shards)[-1:])
+    assert results["val_bpb"] == pytest.approx(evaluate_bpb(model, val, 4, get_token_bytes(tiny_tokenizer)), rel=1e-5)
+    direct = evaluate_core(model, tok, bundle, max_per_task=3, max_seq_len=64, log=None)
+    assert results["core"] == pytest.approx(direct["core"])
+    assert "CORE" in capsys.readouterr().out
+    # a tokenizer that does not fit the model is refused, by name
+    other = GPT(config_from_depth(2, vocab_size=1024, sequence_len=64))
+    other.init_weights()
+    checkpoint.save_model(tmp_path / "other.safetensors", other.state_dict(),
+                          config_from_depth(2, vocab_size=1024, sequence_len=64).to_dict())
+    assert base_eval.main(["--checkpoint", str(tmp_path / "other.safetensors"), *common]) == 2
+    assert "has a 1024-token vocabulary, the tokenizer" in capsys.readouterr().err
