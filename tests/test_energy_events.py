@@ -69,6 +69,13 @@ def test_a_late_consumer_receives_all_five_transitions_in_order_once(redis_clien
     # a restarted consumer with the same name goes on after its cursor; another one starts from the beginning
     assert EnergyEvents(redis_client, "late", consumer="server").read(block_ms=50) == []
     assert as_tuples(EnergyEvents(redis_client, "late", consumer="report").read()) == EXPECTED
+    # follow() commits each event once the caller comes back for the next one
+    follower = EnergyEvents(redis_client, "late", consumer="follower")
+    stream = follower.follow(block_ms=50)
+    assert as_tuples([next(stream), next(stream)]) == EXPECTED[:2]
+    assert follower.cursor() == events[0].id
+    stream.close()
+    assert as_tuples(EnergyEvents(redis_client, "late", consumer="follower").read()) == EXPECTED[1:]
     # a consumer that handled only the first two sees the remaining three
     partial = EnergyEvents(redis_client, "late", consumer="slow")
     partial.commit(events[1].id)

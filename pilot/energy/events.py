@@ -35,6 +35,8 @@ Consumer side (the federated server):
     for event in events.read(block_ms=1000):     # from the stored cursor; waits up to 1 s for news
         react(event.site, event.curtailed, event.sim_ts)
         events.commit(event.id)                  # a restarted consumer resumes after this one
+    for event in events.follow(block_ms=1000):   # the same as a generator, committing as it goes
+        ...
     events.current_states()                      # {site: SiteState} at the last step
     events.clock()                               # SimClock (sim_ts, step, speedup, status, ...)
 
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,6 +168,14 @@ class EnergyEvents:
             return []
         _, entries = reply[0]
         return [Event.from_entry(entry_id, fields) for entry_id, fields in entries]
+
+    def follow(self, block_ms: int = 1000, stop: Callable[[], bool] | None = None) -> Iterator[Event]:
+        """Yield events as they come, from the cursor on, until `stop()` is true; each is committed when
+        the caller asks for the next one (so a crash while handling it replays it)."""
+        while not (stop and stop()):
+            for event in self.read(block_ms=block_ms):
+                yield event
+                self.commit(event.id)
 
     def history(self) -> list[Event]:
         """Every transition of the run, in order."""
