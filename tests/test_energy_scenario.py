@@ -156,6 +156,8 @@ def test_week_plot_is_written(tmp_path, default_scenario):
     (('name = "client_1"', 'name = "client_0"'), "site names must be unique"),
     (('signal = "surplus"', 'signal = "sunshine"'), "signal must be one of"),
     (('gpu_idle_kw = 0.1', 'gpu_idle_kw = "low"'), "gpu_idle_kw must be a number"),
+    (('pv_kwp = 1500.0', 'pv_kwp = "big"'), "pv_kwp must be a number"),
+    (('weather = "723170TYA.CSV"', 'weather = 7'), "weather must be a string"),
 ])
 def test_bad_scenario_files_say_which_file_and_key(tmp_path, change, message):
     path = tmp_path / "bad.toml"

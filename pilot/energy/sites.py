@@ -151,6 +151,11 @@ def site_from_table(table: dict[str, Any], where: str, base_dir: Path | None = N
     if gpus < 0 or train_kw < 0 or idle_kw < 0:
         raise ScenarioError(f"{where}: gpus and powers must not be negative")
     options = {k: v for k, v in values.items() if k not in COMMON_KEYS}
+    for key, default in (SURPLUS_KEYS if signal == "surplus" else MOER_KEYS).items():
+        if key in options and (isinstance(default, (int, float)) or key in ("load_base_kw", "threshold")):
+            options[key] = _number(options, key, where, int if key == "turbines" else float)
+        elif key in options and not isinstance(options[key], str):
+            raise ScenarioError(f"{where}: {key} must be a string, got {options[key]!r}")
     for key in ("weather", "moer_trace"):
         if options.get(key) and base_dir is not None and (base_dir / options[key]).is_file():
             options[key] = str((base_dir / options[key]).resolve())
