@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -45,9 +46,15 @@ RANKS_FILE, META_FILE, TOKEN_BYTES_FILE = "tokenizer.tiktoken", "tokenizer.json"
 class Tokenizer:
     """A tiktoken Encoding plus nanochat's special tokens."""
 
-    def __init__(self, encoding: tiktoken.Encoding):
-        self.enc = encoding
-        self.bos_token_id = encoding.encode_single_token("<|bos|>")
+    def __init__(self, ranks: dict[bytes, int], pattern: str):
+        n = len(ranks)
+        if sorted(ranks.values()) != list(range(n)):
+            raise ValueError("token ranks must be exactly 0..n-1")
+        self.ranks, self.pattern = ranks, pattern
+        self.special_tokens = {name: n + i for i, name in enumerate(SPECIAL_TOKENS)}
+        self.enc = tiktoken.Encoding("nanochat", pat_str=pattern, mergeable_ranks=ranks,
+                                     special_tokens=self.special_tokens)
+        self.bos_token_id = self.special_tokens["<|bos|>"]
 
     # ------------------------------------------------------------------ build / save / load
     @classmethod
@@ -62,29 +69,22 @@ class Tokenizer:
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(iter(texts), num_merged, pattern=pattern)
         ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
-        return cls._from_ranks(ranks, trainer.get_pattern())
-
-    @classmethod
-    def _from_ranks(cls, ranks: dict[bytes, int], pattern: str) -> Tokenizer:
-        n = len(ranks)
-        if sorted(ranks.values()) != list(range(n)):
-            raise ValueError("token ranks must be exactly 0..n-1")
-        special = {name: n + i for i, name in enumerate(SPECIAL_TOKENS)}
-        enc = tiktoken.Encoding("nanochat", pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
-        return cls(enc)
+        return cls(ranks, trainer.get_pattern())
 
     def save(self, directory: Path) -> None:
         """Write the three files of the on-disk format (module docstring) into `directory`."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        ranks = self.mergeable_ranks()
         lines = (f"{base64.b64encode(token).decode('ascii')} {rank}\n"
-                 for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
+                 for token, rank in sorted(self.ranks.items(), key=lambda kv: kv[1]))
         (directory / RANKS_FILE).write_text("".join(lines), encoding="ascii")
-        meta = {"format": FORMAT, "pattern": self.enc._pat_str, "special_tokens": self.enc._special_tokens,
+        meta = {"format": FORMAT, "pattern": self.pattern, "special_tokens": self.special_tokens,
                 "vocab_size": self.get_vocab_size()}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         save_file({"token_bytes": self.token_bytes()}, str(directory / TOKEN_BYTES_FILE))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(directory / TOKEN_BYTES_FILE, 0o666 & ~umask)   # safetensors writes 0600; the others are 0666-umask
 
     @classmethod
     def from_directory(cls, path: Path) -> Tokenizer:
@@ -103,10 +103,10 @@ class Tokenizer:
                 ranks[base64.b64decode(token_b64, validate=True)] = int(rank)
             except ValueError as e:
                 raise ValueError(f"{ranks_path}:{lineno}: expected '<base64> <rank>', got {line[:60]!r}") from e
-        tok = cls._from_ranks(ranks, meta["pattern"])
-        if tok.enc._special_tokens != meta["special_tokens"]:
+        tok = cls(ranks, meta["pattern"])
+        if tok.special_tokens != meta["special_tokens"]:
             raise ValueError(f"{meta_path}: special tokens {meta['special_tokens']} differ from this code's "
-                             f"{tok.enc._special_tokens}")
+                             f"{tok.special_tokens}")
         return tok
 
     # ------------------------------------------------------------------ use
@@ -117,13 +117,13 @@ class Tokenizer:
         return self.bos_token_id
 
     def get_special_tokens(self) -> set[str]:
-        return set(self.enc.special_tokens_set)
+        return set(self.special_tokens)
 
     def encode_special(self, name: str) -> int:
         return self.enc.encode_single_token(name)
 
     def mergeable_ranks(self) -> dict[bytes, int]:
-        return dict(self.enc._mergeable_ranks)
+        return dict(self.ranks)
 
     def id_to_token(self, token_id: int) -> str:
         return self.enc.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
@@ -150,7 +150,7 @@ class Tokenizer:
     def token_bytes(self) -> torch.Tensor:
         """int64 [vocab]: UTF-8 byte length of each token, 0 for special tokens."""
         lengths = torch.zeros(self.get_vocab_size(), dtype=torch.int64)
-        for token, rank in self.enc._mergeable_ranks.items():
+        for token, rank in self.ranks.items():
             lengths[rank] = len(token)
         return lengths
 
