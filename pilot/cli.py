@@ -25,6 +25,10 @@ def flwr_environment() -> dict[str, str]:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.update_files:
+        settings.update_files(PROJECT_ROOT)
+        print(f"updated {PROJECT_ROOT / 'pyproject.toml'} and {PROJECT_ROOT / 'README.md'}")
+        return 0
     print(settings.reference_markdown(), end="")
     return 0
 
@@ -77,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("config", help="print the run-settings reference (Markdown)")
+    p.add_argument("--update-files", action="store_true",
+                   help="rewrite the settings in pyproject.toml and README.md from pilot/settings.py")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("env", help="print the environment `flwr` needs for this project (eval \"$(pilot env)\")")

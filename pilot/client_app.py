@@ -1,12 +1,31 @@
-"""Pilot ClientApp: thin. Flower may start a fresh process for every message, so it owns no training
-state; it answers for its site and (later) hands work to the site's persistent trainer."""
+"""Pilot ClientApp: thin. Flower may start a fresh process for every message, so it owns no training state.
+
+It names its site (QUERY), and for a TRAIN message makes sure the site's persistent trainer runs (starting
+it once, detached, if no live one answers), hands it the round request through Redis and returns its result.
+It imports no torch: a ClientApp process starts in well under a second.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from pilot import coordination, protocol
+from pilot.protocol import RoundRequest, RoundResult
 from pilot.sites import IDENTIFY, site_name
+
+ROUND_KEY = "pilot.round"
+RESULT_KEY = "pilot.result"
+TRAINER_START_TIMEOUT_S = 300.0   # a trainer that is not alive this long after its launch has failed
+LAUNCH_LOCK_S = 60
 
 app = ClientApp()
 
@@ -16,3 +35,72 @@ def identify(msg: Message, context: Context) -> Message:
     """Tell the ServerApp which site this node serves."""
     record = ConfigRecord({"name": site_name(context.node_config)})
     return Message(RecordDict({IDENTIFY: record}), reply_to=msg)
+
+
+def trainer_command(site: str, run_id: str, run_dir: str, redis_url: str, nproc: int, device: str) -> list[str]:
+    module = ["-m", "pilot.site_trainer", "--site", site, "--run-id", run_id, "--run-dir", run_dir,
+              "--redis-url", redis_url, "--device", device]
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *module]
+    return [sys.executable, *module]
+
+
+def ensure_trainer(r: redis.Redis, site: str, run_id: str, run_dir: str, redis_url: str, nproc: int,
+                   device: str) -> float | None:
+    """Start the site's trainer unless a live one exists; returns the launch time, or None if it was alive."""
+    if r.exists(protocol.alive_key(run_id, site)):
+        return None
+    if not r.set(coordination.key(run_id, "site", site, "launch"), str(os.getpid()), nx=True, ex=LAUNCH_LOCK_S):
+        return time.monotonic()  # another ClientApp is starting it right now
+    log_dir = Path(run_dir) / "sites" / site
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "trainer.log", "ab") as log:
+        subprocess.Popen(trainer_command(site, run_id, run_dir, redis_url, nproc, device), stdout=log,
+                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return time.monotonic()
+
+
+def wait_for_result(r: redis.Redis, run_id: str, site: str, round_number: int, after_id: str,
+                    launched_at: float | None) -> RoundResult:
+    outbox = protocol.outbox_key(run_id, site)
+    while True:
+        for _, entries in r.xread({outbox: after_id}, block=1000) or []:
+            for entry_id, fields in entries:
+                after_id = entry_id
+                if int(fields["round"]) == round_number:
+                    return RoundResult.from_json(fields["result"])
+        if not r.exists(protocol.alive_key(run_id, site)):
+            starting = launched_at is not None and time.monotonic() - launched_at < TRAINER_START_TIMEOUT_S
+            if not starting:
+                return RoundResult(round=round_number, site=site, status="error",
+                                   reason=f"the trainer of {site} died (see {protocol.trainer_key(run_id, site)})")
+        else:
+            launched_at = None  # it is up: from now on, silence means death
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Run one round at this site's trainer and return its result."""
+    site = site_name(context.node_config)
+    config = msg.content[ROUND_KEY]
+    run_id, run_dir = str(config["run-id"]), str(config["run-dir"])
+    # a SuperNode at another site reaches Redis by its own address: its node config wins
+    redis_url = str(context.node_config.get("redis-url") or config["redis-url"])
+    request = RoundRequest.from_json(str(config["request"]))
+    r = coordination.connect(redis_url)
+    launched_at = ensure_trainer(r, site, run_id, run_dir, redis_url, int(config["site-nproc"]),
+                                 str(config["site-device"]))
+    last = r.xrevrange(protocol.outbox_key(run_id, site), count=1)
+    after_id = last[0][0] if last else "0-0"
+    # MAXLEN 1: a trainer that (re)starts finds only the newest request, never a stale one
+    r.xadd(protocol.inbox_key(run_id, site), {"kind": "train", "round": request.round, "request": request.to_json()},
+           maxlen=1)
+    result = wait_for_result(r, run_id, site, request.round, after_id, launched_at)
+    r.close()
+    return Message(RecordDict({RESULT_KEY: ConfigRecord({"result": result.to_json()})}), reply_to=msg)
+
+
+def shutdown_trainer(r: redis.Redis, run_id: str, site: str) -> None:
+    """Ask a site's trainer to exit (the server does this when the run ends)."""
+    r.xadd(protocol.inbox_key(run_id, site), {"kind": "shutdown", "at": json.dumps(time.time())}, maxlen=1)

@@ -219,8 +219,15 @@ class EmbeddedRedis:
                 if c.get("name", "").startswith(CLIENT_NAME_PREFIX)}
 
     def release(self, client: redis.Redis) -> bool:
-        """Let go of the server; shut it down if no other Pilot process uses it. True if it was stopped."""
+        """Let go of the server; shut it down if no other Pilot process uses it. True if it was stopped.
+
+        A client of any other server (a configured Redis) is left alone: only this run's embedded server
+        is ever shut down here.
+        """
         with self._locked():
+            state = self.read_state()
+            if state is None or client.connection_pool.connection_kwargs.get("port") != state.port:
+                return False
             me = client.client_getname()
             try:
                 others = self.users(client) - {me}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -20,16 +21,48 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
+    # the run
     Setting("run-id", "default",
             "Name of the run: namespaces its Redis keys and names its directory under runs/. "
             "Starting again with the same run id resumes it."),
+    Setting("run-dir", "",
+            "Directory of the run (global checkpoints, site logs, embedded Redis). Empty: runs/RUN-ID."),
     Setting("redis-url", "",
             "Redis of the run (redis://[:PASSWORD@]HOST:PORT/DB, rediss:// for TLS). Empty: $PILOT_REDIS_URL, "
             "else an embedded redis-server on loopback that the processes of the run share."),
+    # rounds and regimes
+    Setting("curtailment", "energy",
+            'Which sites may train: "energy" (curtailed ones, as energy_simulation.py publishes to Redis) or '
+            '"always" (every connected site, clocked by the wall: plain federated training).'),
     Setting("round-duration", 600,
             "Seconds of simulated time in one federated round while several sites are curtailed."),
+    Setting("solo-checkpoint-interval", 1800,
+            "Seconds of simulated time between checkpoints while one site trains alone."),
     Setting("handshake-timeout", 60,
             "Seconds the ServerApp waits for every SuperNode to say which site it is."),
+    Setting("stop-grace", 120,
+            "Wall seconds a stopped site may take to hand in its work before it counts as lost."),
+    Setting("outer-optimizer", "none",
+            'How averaged updates are applied: "none" (federated averaging) or "nesterov" (DiLoCo).'),
+    Setting("outer-lr", 0.7, "Outer learning rate (nesterov)."),
+    Setting("outer-momentum", 0.9, "Outer Nesterov momentum."),
+    # model, data, training (the same at every site; see nanochat/trainer.py TrainConfig for the rest)
+    Setting("depth", 4, "Model depth (width = 64 x depth): 20 for the d20 baseline; 2-6 on CPU."),
+    Setting("max-seq-len", 256, "Context length in tokens."),
+    Setting("device-batch-size", 4, "Sequences per rank per micro-step."),
+    Setting("total-batch-size", 2048, "Tokens per optimizer step of a site (524288 for d20)."),
+    Setting("token-budget", 0,
+            "Tokens to train in all (the schedule's horizon). 0: 20 tokens per parameter (Chinchilla)."),
+    Setting("data-dir", "", "Directory of the parquet shards (last one = validation). Empty: $NANOCHAT_BASE_DIR/base_data."),
+    Setting("tokenizer-dir", "", "Directory of the tokenizer. Empty: $NANOCHAT_BASE_DIR/tokenizer."),
+    Setting("eval-tokens", 16384, "Validation tokens evaluated after every aggregation (0: no evaluation)."),
+    # sites
+    Setting("site-nproc", 1, "Processes of each site trainer (its GPUs; gloo processes on CPU)."),
+    Setting("site-device", "auto", 'Device of the site trainers: "auto" (CUDA when present), "cuda" or "cpu".'),
+    # the weights data plane
+    Setting("blob-host", "127.0.0.1", "Address the ServerApp's weights server listens on."),
+    Setting("blob-port", 0, "Port of the weights server (0: any free port)."),
+    Setting("blob-url", "", "URL the sites use to reach the weights server. Empty: http://BLOB-HOST:PORT."),
 )
 
 BY_KEY = {s.key: s for s in SETTINGS}
@@ -45,6 +78,8 @@ def resolve(run_config: Mapping[str, Any]) -> dict[str, Any]:
         expected = type(BY_KEY[k].default)
         if expected is int and isinstance(v, float) and v.is_integer():
             v = int(v)
+        if expected is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
         if not isinstance(v, expected) or (expected is int and isinstance(v, bool)):
             raise TypeError(f"run setting {k!r} must be {expected.__name__}, got {v!r}")
         values[k] = v
@@ -58,3 +93,26 @@ def reference_markdown() -> str:
         default = f'"{s.default}"' if isinstance(s.default, str) else str(s.default)
         rows.append(f"| `{s.key}` | `{default}` | {s.help} |")
     return "\n".join(rows) + "\n"
+
+
+def pyproject_block() -> str:
+    """The [tool.flwr.app.config] body for pyproject.toml."""
+    def value(v: Any) -> str:
+        return f'"{v}"' if isinstance(v, str) else repr(v)
+    return "".join(f"{s.key} = {value(s.default)}\n" for s in SETTINGS)
+
+
+def update_files(root: Path) -> None:
+    """Rewrite the settings in pyproject.toml and the reference in README.md from SETTINGS."""
+    pyproject = root / "pyproject.toml"
+    text = pyproject.read_text()
+    head = "[tool.flwr.app.config]\n"
+    start = text.index(head) + len(head)
+    end = text.index("\n\n", start) + 1
+    pyproject.write_text(text[:start] + pyproject_block() + text[end:])
+    readme = root / "README.md"
+    text = readme.read_text()
+    open_tag, close_tag = "<!-- pilot config -->\n", "<!-- /pilot config -->"
+    start = text.index(open_tag) + len(open_tag)
+    end = text.index(close_tag)
+    readme.write_text(text[:start] + reference_markdown() + text[end:])

@@ -11,8 +11,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pilot.blobs import (BlobError, BlobServer, BlobStore, TensorBlob, fetch_blob, load_tensors, read_blob,
-                         read_metadata, save_file, upload_blob)
+from pilot.blobs import (
+    BlobError,
+    BlobServer,
+    BlobStore,
+    TensorBlob,
+    fetch_blob,
+    load_tensors,
+    read_blob,
+    read_metadata,
+    save_file,
+    upload_blob,
+)
 
 TOKEN = "s3cret-token"
 

@@ -1,0 +1,352 @@
+"""The federation: the ServerApp's regime loop (pilot/server_app.py is its thin Flower shell).
+
+    open the run: Redis, the global state (resumed from the last checkpoint if there is one), the ledger,
+                  the weights server; publish the training settings for the site trainers
+    loop:         which sites train now = curtailed (Redis) & connected (Flower)
+                  none      -> paused: wait for the next energy event
+                  one/more  -> a round: TRAIN messages to those sites only; end it when the policy says
+                               (pilot/regimes.py) by setting the round's stop key; collect the results;
+                               average (token-weighted, outer optimizer), commit the ledger, checkpoint
+    end:          token budget reached or data exhausted (final_model written), or the energy simulation
+                  finished with nobody curtailed
+
+Every decision is logged to the run's server event stream (pilot:{run}:server:events) and the console.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import asdict
+from logging import INFO, WARNING
+from pathlib import Path
+
+import redis
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from nanochat.checkpoint import save_model
+from nanochat.dataloader import DataLoader
+from nanochat.dataset import list_parquet_files
+from nanochat.gpt import build_model
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.tokenizer import Tokenizer, get_token_bytes
+from nanochat.trainer import TrainConfig, plan_training
+from pilot import coordination, global_state, protocol, regimes
+from pilot.aggregation import OuterOptimizer, RejectedUpdate, average_updates, check_update
+from pilot.blobs import BlobServer, BlobStore
+from pilot.client_app import RESULT_KEY, ROUND_KEY, shutdown_trainer
+from pilot.energy.events import EnergyEvents
+from pilot.global_state import GlobalState
+from pilot.ledger import Ledger
+from pilot.protocol import RoundRequest, RoundResult
+from pilot.sites import IDENTIFY
+
+POLL_S = 0.25               # how often a round looks for replies and energy news
+REDISCOVER_S = 5.0          # how often the server looks for SuperNodes that (re)connected
+
+
+def default_run_dir(run_id: str) -> Path:
+    return Path(os.environ.get(coordination.RUN_DIR_ENV) or Path.home() / ".cache" / "pilot" / "runs" / run_id)
+
+
+class Federation:
+    def __init__(self, grid: Grid, cfg: dict):
+        self.grid, self.cfg = grid, cfg
+        self.run_id = cfg["run-id"]
+        self.run_dir = Path(cfg["run-dir"] or default_run_dir(self.run_id)).resolve()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.redis_url = cfg["redis-url"] or os.environ.get(coordination.REDIS_URL_ENV) or \
+            coordination.EmbeddedRedis(self.run_dir).ensure()
+        self.r = coordination.connect(self.redis_url)
+        self.events = EnergyEvents(self.r, self.run_id, consumer="server")
+        self.sites: dict[str, int] = {}       # site name -> Flower node id
+        self.seen_sites: set[str] = set()     # every site that connected during this run (their trainers)
+        self.last_discovery = 0.0
+        self._setup_training()
+        self._open_global_state()
+        self.store = BlobStore()
+        self.blob_token = secrets.token_hex(16)
+        self.blob_server = BlobServer(self.store, host=cfg["blob-host"], port=cfg["blob-port"],
+                                      token=self.blob_token).start()
+        self.blob_url = cfg["blob-url"] or self.blob_server.url
+        self.regime = ""
+
+    # -------------------------------------------------------------- setup
+    def _setup_training(self) -> None:
+        cfg = self.cfg
+        base = Path(os.environ.get("NANOCHAT_BASE_DIR") or Path.home() / ".cache" / "nanochat")
+        self.data_dir = Path(cfg["data-dir"] or base / "base_data").resolve()
+        self.tokenizer_dir = Path(cfg["tokenizer-dir"] or base / "tokenizer").resolve()
+        files = list_parquet_files(self.data_dir)
+        if len(files) < 2:
+            raise FileNotFoundError(f"{self.data_dir}: need at least 2 parquet shards (training + validation), "
+                                    f"found {len(files)}; build some with python -m nanochat.offline_corpus")
+        self.train_shards, self.val_shard = [f.name for f in files[:-1]], files[-1]
+        self.tokenizer = Tokenizer.from_directory(self.tokenizer_dir)
+        self.train_config = TrainConfig(depth=cfg["depth"], max_seq_len=cfg["max-seq-len"],
+                                        device_batch_size=cfg["device-batch-size"],
+                                        total_batch_size=cfg["total-batch-size"], compile="off")
+        if cfg["token-budget"] > 0:
+            self.train_config.num_iterations = max(1, cfg["token-budget"] // cfg["total-batch-size"])
+        plan = plan_training(self.train_config, self.tokenizer.get_vocab_size(), world_size=cfg["site-nproc"])
+        self.plan = plan
+        self.horizon = plan.num_iterations
+        spec = {**asdict(self.train_config), "num_iterations": self.horizon, "compile": "auto",
+                "data_dir": str(self.data_dir), "tokenizer_dir": str(self.tokenizer_dir)}
+        self.r.set(protocol.train_config_key(self.run_id), json.dumps(spec))
+        self.emit("setup", detail=plan.describe().replace("\n", "; "))
+
+    def _open_global_state(self) -> None:
+        cfg = self.cfg
+        self.outer = OuterOptimizer(cfg["outer-optimizer"], lr=cfg["outer-lr"], momentum=cfg["outer-momentum"])
+        self.ledger = Ledger(self.r, self.run_id)
+        path = global_state.latest(self.run_dir)
+        if path is None:
+            model = build_model(self.plan.model_config, device="cpu", seed=self.train_config.seed)
+            weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.state = GlobalState(weights=weights)
+            self.ledger.init(self.train_shards)
+            self.emit("start", detail=f"new run in {self.run_dir}")
+        else:
+            self.state = global_state.load(path)
+            self.outer.state = self.state.outer_state
+            # the checkpoint is the truth: Redis may be ahead (a round that was never checkpointed) or empty
+            self.r.delete(self.ledger.key)
+            records = self.state.info.get("ledger", {})
+            if records:
+                self.r.hset(self.ledger.key, mapping={k: json.dumps(v, sort_keys=True) for k, v in records.items()})
+            self.ledger.init(self.train_shards)
+            self.emit("resume", detail=f"from {path.name}: round {self.state.round}, {self.state.tokens} tokens")
+
+    # -------------------------------------------------------------- logging
+    def emit(self, kind: str, **fields: object) -> None:
+        """One line on the console and one entry in the run's server event stream."""
+        entry = {"kind": kind, "wall_ts": f"{time.time():.3f}", **{k: str(v) for k, v in fields.items()}}
+        try:
+            self.r.xadd(protocol.server_events_key(self.run_id), entry)
+        except redis.RedisError as error:
+            log(WARNING, "pilot: could not log to Redis: %s", error)
+        log(INFO, "pilot: %s %s", kind, " ".join(f"{k}={v}" for k, v in fields.items()))
+
+    # -------------------------------------------------------------- who is there, who may train
+    def discover(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self.last_discovery < REDISCOVER_S:
+            return
+        self.last_discovery = time.monotonic()
+        node_ids = set(self.grid.get_node_ids())
+        known = {n: s for s, n in self.sites.items() if n in node_ids}
+        new = node_ids - set(known)
+        if new:
+            queries = [Message(RecordDict({IDENTIFY: ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
+                       for n in new]
+            for reply in self.grid.send_and_receive(queries, timeout=self.cfg["handshake-timeout"]):
+                if not reply.has_error():
+                    known[reply.metadata.src_node_id] = str(reply.content[IDENTIFY]["name"])
+        sites = {s: n for n, s in known.items()}
+        if sites != self.sites:
+            self.emit("sites", connected=",".join(sorted(sites)) or "-")
+        self.sites = sites
+        self.seen_sites |= set(sites)
+
+    def curtailed(self) -> set[str]:
+        if self.cfg["curtailment"] == "always":
+            return set(self.sites)
+        return set(self.events.curtailed_sites())
+
+    def sim_now(self) -> float:
+        if self.cfg["curtailment"] == "always":
+            return time.time()
+        clock = self.events.clock()
+        return clock.now() if clock else time.time()
+
+    def energy_finished(self) -> bool:
+        if self.cfg["curtailment"] == "always":
+            return False
+        clock = self.events.clock()
+        return clock is not None and clock.status in ("finished", "stopped")
+
+    def wait_for_energy_news(self, block_ms: int) -> None:
+        if self.cfg["curtailment"] == "always":
+            time.sleep(block_ms / 1000)
+            return
+        events = self.events.read(block_ms=block_ms)
+        for event in events:
+            self.emit("energy", site=event.site, curtailed=int(event.curtailed), sim_ts=event.sim_ts)
+        if events:
+            self.events.commit(events[-1].id)
+
+    # -------------------------------------------------------------- the loop
+    def run(self) -> None:
+        self.discover(force=True)
+        outcome = "stopped"
+        while True:
+            if self.state.tokens // self.plan.total_batch_size >= self.horizon:
+                outcome = "horizon"
+                break
+            if self.ledger.exhausted():
+                outcome = "data exhausted"
+                break
+            self.discover()
+            training = regimes.members(self.curtailed(), set(self.sites))
+            regime = regimes.regime(training)
+            if regime != self.regime:
+                self.emit("regime", regime=regime, sites=",".join(sorted(training)) or "-", sim_ts=self.sim_now())
+                self.regime = regime
+            if regime == regimes.PAUSED:
+                if self.energy_finished():
+                    outcome = "energy simulation finished"
+                    break
+                self.wait_for_energy_news(block_ms=1000)
+                continue
+            self.run_round(training)
+        self.finish(outcome)
+
+    def run_round(self, members: frozenset[str]) -> None:
+        cfg = self.cfg
+        number = self.state.round + 1
+        digest = self.store.publish(self.state.weights)
+        schedule_step = self.state.tokens // self.plan.total_batch_size
+        # the sites of a round share the steps left to the horizon
+        max_steps = -(-(self.horizon - schedule_step) // len(members))
+        messages, assignments = {}, {}
+        for site in sorted(members):
+            assignment = self.ledger.assign(site, world_size=cfg["site-nproc"])
+            if not assignment.shards:
+                continue
+            assignments[site] = assignment
+            request = RoundRequest(round=number, weights_digest=digest, blob_url=self.blob_url,
+                                   blob_token=self.blob_token, shards=assignment.shards, cursors=assignment.cursors,
+                                   schedule_step=schedule_step, max_steps=max_steps)
+            record = ConfigRecord({"request": request.to_json(), "run-id": self.run_id, "run-dir": str(self.run_dir),
+                                   "redis-url": self.redis_url, "site-nproc": cfg["site-nproc"],
+                                   "site-device": cfg["site-device"]})
+            messages[site] = Message(RecordDict({ROUND_KEY: record}), dst_node_id=self.sites[site],
+                                     message_type=MessageType.TRAIN)
+        if not messages:
+            return
+        duration = cfg["round-duration"] if len(messages) > 1 else cfg["solo-checkpoint-interval"]
+        current = regimes.Round(number, frozenset(messages), started_at=self.sim_now(), duration=duration)
+        self.emit("round-start", round=number, regime=current.regime, sites=",".join(sorted(messages)),
+                  sim_ts=current.started_at)
+        ids = dict(zip(self.grid.push_messages(messages.values()), messages, strict=True))  # message id -> site
+        results: dict[str, RoundResult] = {}
+        stop_reason, stop_sent = "", None
+        while len(results) < len(ids):
+            pending = [i for i, s in ids.items() if s not in results]
+            for reply in self.grid.pull_messages(pending):
+                site = ids.get(reply.metadata.reply_to_message_id)
+                if site is None:
+                    continue
+                if reply.has_error():
+                    results[site] = RoundResult(round=number, site=site, status="error",
+                                                reason=f"node error: {reply.error.reason}")
+                else:
+                    results[site] = RoundResult.from_json(str(reply.content[RESULT_KEY]["result"]))
+            if len(results) == len(ids):
+                break
+            if stop_sent is None:
+                self.discover()
+                now = self.sim_now()
+                training_now = regimes.members(self.curtailed(), set(self.sites))
+                reason = regimes.end_reason(current, now, training_now)
+                if reason is None and current.regime == regimes.SOLO and now >= current.started_at + duration:
+                    reason = "solo checkpoint interval"
+                if reason is None and training_now == current.members and \
+                        self.state.tokens // self.plan.total_batch_size >= self.horizon:
+                    reason = "horizon"
+                if reason is not None:
+                    stop_reason, stop_sent = reason, time.monotonic()
+                    self.r.set(protocol.stop_key(self.run_id, number), reason, ex=24 * 3600)
+                    self.emit("round-stop", round=number, reason=reason, sim_ts=now)
+            elif time.monotonic() - stop_sent > cfg["stop-grace"]:
+                for site in set(ids.values()) - set(results):
+                    results[site] = RoundResult(round=number, site=site, status="error",
+                                                reason=f"no result {cfg['stop-grace']} s after the stop")
+                break
+            self.wait_for_energy_news(block_ms=int(POLL_S * 1000))
+        self.r.set(protocol.stop_key(self.run_id, number), stop_reason or "round over", ex=24 * 3600)
+        self.aggregate(number, current, results, assignments, stop_reason)
+
+    def aggregate(self, number: int, current: regimes.Round, results: dict[str, RoundResult],
+                  assignments: dict, stop_reason: str) -> None:
+        weights, tokens = {}, {}
+        for site, result in sorted(results.items()):
+            if result.status != "ok":
+                released = self.ledger.release(site)
+                self.emit("site-failed", round=number, site=site, reason=result.reason,
+                          reissued=",".join(released) or "-")
+                continue
+            if result.steps == 0:
+                continue
+            blob = self.store.get(result.weights_digest)
+            try:
+                if blob is None:
+                    raise RejectedUpdate(f"weights {result.weights_digest[:12]} were never uploaded")
+                check_update(blob.tensors, self.state.weights, result.tokens)
+            except RejectedUpdate as error:
+                self.emit("update-rejected", round=number, site=site, reason=error)
+                self.ledger.release(site)
+                continue
+            weights[site], tokens[site] = blob.tensors, result.tokens
+        if weights:
+            if len(weights) == 1 and self.outer.kind == "none":
+                (local,) = weights.values()  # one site: its weights are the new global model, exactly
+                new_weights = {k: v.clone() for k, v in local.items()}
+            else:
+                deltas = {s: {k: self.state.weights[k].float() - w[k].float() for k in w} for s, w in weights.items()}
+                new_weights = self.outer.step(self.state.weights, average_updates(deltas, tokens, self.state.weights))
+            self.state.weights = new_weights
+        for site in weights:
+            result, assignment = results[site], assignments[site]
+            if result.exhausted:
+                self.ledger.finish(assignment.shards)
+            elif result.cursors:
+                self.ledger.commit(site, assignment.shards, result.cursors, result.world_size)
+        trained = sum(tokens.values())
+        self.state.round = number
+        self.state.tokens += trained
+        self.state.outer_state = self.outer.state
+        val_bpb = self.evaluate() if weights else None
+        self.state.info = {"ledger": {k: json.loads(v.to_json()) for k, v in self.ledger.records().items()},
+                           "model_config": self.plan.model_config.to_dict(), "outer": self.outer.kind,
+                           "val_bpb": val_bpb}
+        path = global_state.save(self.run_dir, self.state)
+        self.store.retain(set())  # uploads are averaged in; the next round publishes anew
+        losses = {s: round(results[s].loss, 4) for s in weights}
+        self.emit("round-end", round=number, regime=current.regime, sites=",".join(sorted(weights)) or "-",
+                  reason=stop_reason or "all sites done", tokens=trained, total_tokens=self.state.tokens,
+                  loss=json.dumps(losses), val_bpb=f"{val_bpb:.4f}" if val_bpb is not None else "-",
+                  trainers=json.dumps({s: [r.trainer_pid, r.trainer_step] for s, r in results.items()}),
+                  busy=json.dumps({s: round(r.seconds_training / max(r.seconds_total, 1e-9), 3)
+                                   for s, r in results.items() if r.status == "ok"}),
+                  checkpoint=path.name)
+
+    def evaluate(self) -> float | None:
+        tokens = self.cfg["eval-tokens"]
+        if tokens <= 0:
+            return None
+        model = build_model(self.plan.model_config, device="cpu", seed=0)
+        model.load_state_dict(self.state.weights)
+        model.eval()
+        B, T = self.train_config.device_batch_size, self.train_config.max_seq_len
+        loader = DataLoader(self.tokenizer, B, T, split="val", files=[self.val_shard])
+        try:
+            return evaluate_bpb(model, loader, max(1, tokens // (B * T)), get_token_bytes(self.tokenizer_dir))
+        finally:
+            loader.close()
+
+    def finish(self, outcome: str) -> None:
+        path = self.run_dir / "final_model.safetensors"
+        save_model(path, self.state.weights, self.plan.model_config.to_dict(),
+                   extra={"round": self.state.round, "tokens": self.state.tokens, "outcome": outcome})
+        self.emit("finished", outcome=outcome, round=self.state.round, tokens=self.state.tokens, final_model=path)
+
+    def close(self) -> None:
+        for site in self.seen_sites:
+            shutdown_trainer(self.r, self.run_id, site)
+        self.blob_server.stop()
+        coordination.release(self.r, self.run_dir)  # the embedded Redis stops when its last user lets go

@@ -1,0 +1,103 @@
+"""How the ServerApp, the ClientApps and the site trainers talk through Redis (keys and message formats).
+
+    pilot:{run}:train_config            string, JSON: the training settings every site uses (server writes it)
+    pilot:{run}:site:{name}:inbox       Stream: work for the site trainer, written by the ClientApp
+                                          {"kind": "train", "round": n, "request": JSON(RoundRequest)}
+                                          {"kind": "shutdown"}
+    pilot:{run}:site:{name}:outbox      Stream: the trainer's results {"round": n, "result": JSON(RoundResult)}
+    pilot:{run}:site:{name}:trainer     hash: pid, host, status (starting|idle|training|stopped), round, step
+    pilot:{run}:site:{name}:alive       string with a TTL the trainer keeps refreshing: gone = trainer dead
+    pilot:{run}:round:{n}:stop          string: why round n must stop now (set by the server; sites poll it)
+    pilot:{run}:server:events           Stream: what the server did (regime, round start/end, checkpoints)
+
+Streams, not pub/sub: a message written while its reader is busy or restarting is still there to read.
+Only small JSON travels here; weights travel as blobs (pilot/blobs.py), named by digest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from pilot.coordination import key
+
+ALIVE_TTL_S = 10          # a trainer that has not refreshed its alive key for this long is dead
+HEARTBEAT_S = 2.0
+
+
+def train_config_key(run: str) -> str:
+    return key(run, "train_config")
+
+
+def inbox_key(run: str, site: str) -> str:
+    return key(run, "site", site, "inbox")
+
+
+def outbox_key(run: str, site: str) -> str:
+    return key(run, "site", site, "outbox")
+
+
+def trainer_key(run: str, site: str) -> str:
+    return key(run, "site", site, "trainer")
+
+
+def alive_key(run: str, site: str) -> str:
+    return key(run, "site", site, "alive")
+
+
+def stop_key(run: str, round_number: int) -> str:
+    return key(run, "round", round_number, "stop")
+
+
+def server_events_key(run: str) -> str:
+    return key(run, "server", "events")
+
+
+@dataclass
+class RoundRequest:
+    """What a site trains in one round (from the ServerApp, through Flower, to the site trainer)."""
+
+    round: int
+    weights_digest: str            # SHA-256 of the global weights blob to start from
+    blob_url: str                  # where to fetch it and upload the result
+    blob_token: str
+    shards: list[str]              # this site's data, in order (files in the run's data dir)
+    cursors: list[dict] | None     # per rank, where to start in shards[0]; None = at its beginning
+    schedule_step: int             # the global schedule position (optimizer steps of the whole run so far)
+    max_steps: int                 # steps left before the run's horizon
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str) -> RoundRequest:
+        return cls(**json.loads(raw))
+
+
+@dataclass
+class RoundResult:
+    """What a site hands in at the end of a round."""
+
+    round: int
+    site: str
+    status: str                    # "ok" | "error"
+    reason: str = ""               # why it stopped (stop signal, window closed, data exhausted, horizon, error)
+    weights_digest: str = ""       # the site's weights at the end, uploaded as a blob
+    tokens: int = 0                # tokens trained in this round (all ranks)
+    steps: int = 0                 # optimizer steps in this round
+    loss: float = float("nan")     # mean training loss over the round's steps
+    cursors: list[dict] | None = None
+    world_size: int = 1
+    exhausted: bool = False        # the site's shards ran out
+    trainer_pid: int = 0
+    trainer_step: int = 0          # the trainer's own optimizer step counter (continues across rounds)
+    seconds_training: float = 0.0  # wall seconds inside optimizer steps
+    seconds_total: float = 0.0     # wall seconds from request to result
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str) -> RoundResult:
+        return cls(**json.loads(raw))
