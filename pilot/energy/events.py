@@ -1,7 +1,9 @@
 """The energy simulation's Redis schema, and the consumer API for it.
 
-`energy_simulation.py` writes, every simulated step and in ONE transaction (MULTI/EXEC), so that a reader
-never sees a clock ahead of its events or half a step:
+`energy_simulation.py` writes every simulated step, each step's site states, events and clock in ONE
+transaction (MULTI/EXEC), so that a reader never sees a clock ahead of its events or half a step. Paced,
+each step is published as soon as it is computed; unpaced, consecutive steps share a transaction (at
+most 50 ms of wall time apart), which still ends on a whole step:
 
     pilot:{run}:energy:config          string, JSON: {"scenario": {start, end, step_s, threshold, min_on_s,
                                        min_off_s}, "sites": [{name, region, signal, gpus, gpu_train_kw,
