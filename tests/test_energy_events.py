@@ -155,3 +155,10 @@ def test_a_run_id_belongs_to_one_scenario(redis_client, moer_scenario, tmp_path)
     changed.write_text(changed.read_text().replace("threshold = 100", "threshold = 90"))
     with pytest.raises(RunMismatch, match="different scenario"):
         Simulation(sites.load_scenario(changed), redis_client, "owned", speedup=0, log=quiet).run()
+    # a change only in a site's options (its own threshold) counts too
+    changed.write_text(changed.read_text().replace("threshold = 90", "threshold = 100").replace(
+        'moer_trace = "moer.csv"\n', 'moer_trace = "moer.csv"\nthreshold = 120\n', 1))
+    with pytest.raises(RunMismatch, match="different scenario"):
+        Simulation(sites.load_scenario(changed), redis_client, "owned", speedup=0, log=quiet).run()
+    # the same scenario again is the same run
+    assert Simulation(moer_scenario, redis_client, "owned", speedup=0, log=quiet).run().first_step == 2

@@ -6,7 +6,7 @@ each step is published as soon as it is computed; unpaced, consecutive steps sha
 most 50 ms of wall time apart), which still ends on a whole step:
 
     pilot:{run}:energy:config          string, JSON: {"scenario": {start, end, step_s, threshold, min_on_s,
-                                       min_off_s}, "sites": [{name, region, signal, gpus, gpu_train_kw,
+                                       min_off_s, fingerprint}, "sites": [{name, region, signal, gpus, gpu_train_kw,
                                        gpu_idle_kw}, ...]}; written once when the run starts
     pilot:{run}:energy:clock           hash, the simulated clock every component shares:
         sim_time   ISO 8601 UTC of the last published step      sim_ts  the same, epoch seconds

@@ -12,6 +12,7 @@ would be refused by Redis rather than duplicated.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -35,9 +36,12 @@ def iso(seconds: float) -> str:
 
 
 def scenario_description(scenario: Scenario) -> dict[str, Any]:
+    # the fingerprint covers what consumers need not read (PV sizes, turbines, trace files, ...)
+    options = json.dumps([site.options for site in scenario.sites], sort_keys=True, default=str)
     return {"scenario": {"start": scenario.start.isoformat(), "end": scenario.end.isoformat(),
                          "step_s": scenario.step_s, "threshold": scenario.threshold,
-                         "min_on_s": scenario.min_on_s, "min_off_s": scenario.min_off_s},
+                         "min_on_s": scenario.min_on_s, "min_off_s": scenario.min_off_s,
+                         "fingerprint": hashlib.sha256(options.encode()).hexdigest()[:16]},
             "sites": [site.describe() for site in scenario.sites]}
 
 
