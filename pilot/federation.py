@@ -167,7 +167,7 @@ class Federation:
         if self.cfg["curtailment"] == "always":
             return False
         clock = self.events.clock()
-        return clock is not None and clock.status in ("finished", "stopped")
+        return clock is not None and clock.status == "finished"
 
     def wait_for_energy_news(self, block_ms: int) -> None:
         if self.cfg["curtailment"] == "always":
@@ -190,6 +190,9 @@ class Federation:
             if self.ledger.exhausted():
                 outcome = "data exhausted"
                 break
+            if self.energy_finished():
+                outcome = "energy simulation finished"
+                break
             self.discover()
             training = regimes.members(self.curtailed(), set(self.sites))
             regime = regimes.regime(training)
@@ -197,9 +200,6 @@ class Federation:
                 self.emit("regime", regime=regime, sites=",".join(sorted(training)) or "-", sim_ts=self.sim_now())
                 self.regime = regime
             if regime == regimes.PAUSED:
-                if self.energy_finished():
-                    outcome = "energy simulation finished"
-                    break
                 self.wait_for_energy_news(block_ms=1000)
                 continue
             self.run_round(training)
@@ -231,7 +231,7 @@ class Federation:
         duration = cfg["round-duration"] if len(messages) > 1 else cfg["solo-checkpoint-interval"]
         current = regimes.Round(number, frozenset(messages), started_at=self.sim_now(), duration=duration)
         self.emit("round-start", round=number, regime=current.regime, sites=",".join(sorted(messages)),
-                  sim_ts=current.started_at)
+                  sim_ts=current.started_at, shards=json.dumps({s: a.shards for s, a in assignments.items()}))
         ids = dict(zip(self.grid.push_messages(messages.values()), messages, strict=True))  # message id -> site
         results: dict[str, RoundResult] = {}
         stop_reason, stop_sent = "", None
@@ -255,6 +255,8 @@ class Federation:
                 reason = regimes.end_reason(current, now, training_now)
                 if reason is None and current.regime == regimes.SOLO and now >= current.started_at + duration:
                     reason = "solo checkpoint interval"
+                if reason is None and self.energy_finished():
+                    reason = "energy simulation finished"
                 if reason is None and training_now == current.members and \
                         self.state.tokens // self.plan.total_batch_size >= self.horizon:
                     reason = "horizon"

@@ -31,7 +31,7 @@ def test_flwr_finds_the_shipped_connections_without_touching_home(tmp_path):
     assert list(home.iterdir()) == [], "flwr must not write to the user's home"
 
 
-def _stop_local_superlink(flwr_home) -> None:
+def stop_local_superlink(flwr_home) -> None:
     """`flwr run` leaves its local SuperLink running in the background: stop ours (and its children)."""
     for proc in psutil.process_iter(["cmdline"]):
         with contextlib.suppress(psutil.Error):
@@ -41,20 +41,26 @@ def _stop_local_superlink(flwr_home) -> None:
                         child.kill()
 
 
-def run_simulation(tmp_path, run_config: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    """`flwr run . local-simulation` with an isolated Flower home and local SuperLink ports."""
+def flwr_env_for(tmp_path) -> tuple:
+    """An isolated Flower home (the shipped connections), its own local SuperLink ports, one thread a site."""
     flwr_home = tmp_path / "flwr-home"
     flwr_home.mkdir()
     shutil.copy(PROJECT_ROOT / ".flwr" / "config.toml", flwr_home / "config.toml")
     env = subprocess_env(HOME=str(tmp_path), FLWR_HOME=str(flwr_home),
                          FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
                          FLWR_LOCAL_CONTROL_API_PORT=str(free_port()), PILOT_SITE_THREADS="1")
+    return flwr_home, env
+
+
+def run_simulation(tmp_path, run_config: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`flwr run . local-simulation` with an isolated Flower home and local SuperLink ports."""
+    flwr_home, env = flwr_env_for(tmp_path)
     try:
         return subprocess.run([str(VENV_BIN / "flwr"), "run", ".", "local-simulation", "--stream",
                                "--run-config", run_config], capture_output=True, text=True, env=env,
                               cwd=PROJECT_ROOT, timeout=timeout)
     finally:
-        _stop_local_superlink(flwr_home)
+        stop_local_superlink(flwr_home)
 
 
 def test_a_simulation_run_trains_every_site_with_persistent_trainers(tmp_path, text_shards, tiny_tokenizer):

@@ -124,6 +124,10 @@ class Simulation:
         except Stopped:
             status = "stopped"
         self._flush()                  # staged steps are whole steps: they go out before the status
+        if status == "finished" and self.speedup > 0:
+            # the last step lasts its step_s too: a paced run ends when the simulated span does
+            # (a stop signal cuts the wait short; every step is published, so the run is still finished)
+            self.pacer.wait(self.pacer.delay(self.scenario.start.timestamp() + until_step * self.scenario.step_s))
         if status == "finished" and until_step < self.scenario.steps:
             status = "stopped"  # paused at --until; a later run goes on
         self.publisher.set_status(status)

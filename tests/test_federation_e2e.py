@@ -1,0 +1,94 @@
+"""The curtailment-aware federation end to end: a scripted MOER trace drives three sites through every
+regime; real Flower (simulation engine), real Redis, real site trainers, real text."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+
+from pilot import protocol
+from pilot.coordination import connect, release
+from tests.conftest import PROJECT_ROOT, VENV_BIN, subprocess_env
+from tests.test_flower_connections import flwr_env_for, stop_local_superlink
+
+# curtailed sites in each 5-minute step of the scripted trace: 0 -> 1 -> 2 -> 3 -> 1 -> 0 -> 2
+PHASES = [set(), {"client_0"}, {"client_0", "client_1"}, {"client_0", "client_1", "client_2"}, {"client_1"},
+          set(), {"client_0", "client_2"}]
+STEP_S = 300
+WALL_S_PER_STEP = 10.0      # long enough for a round with a trainer that starts on this small machine
+START = datetime(2025, 6, 1, tzinfo=UTC)
+
+
+def write_scenario(folder) -> None:
+    rows = ["timestamp,R0,R1,R2"]
+    for i, curtailed in enumerate(PHASES):
+        when = (START + timedelta(seconds=STEP_S * i)).isoformat()
+        rows.append(",".join([when] + ["50" if f"client_{k}" in curtailed else "500" for k in range(3)]))
+    (folder / "trace.csv").write_text("\n".join(rows) + "\n")
+    sites = "".join(
+        f'\n[[sites]]\nname = "client_{k}"\nregion = "R{k}"\nsignal = "moer"\ngpus = 1\ngpu_train_kw = 0.7\n'
+        f'gpu_idle_kw = 0.1\nmoer_trace = "trace.csv"\n' for k in range(3))
+    end = (START + timedelta(seconds=STEP_S * len(PHASES))).isoformat()
+    (folder / "scenario.toml").write_text(
+        f'[scenario]\nstart = "{START.isoformat()}"\nend = "{end}"\nstep_s = {STEP_S}\nthreshold = 100.0\n'
+        f"min_on_s = 0\nmin_off_s = 0\n{sites}")
+
+
+def dedup(items: list) -> list:
+    return [x for i, x in enumerate(items) if i == 0 or x != items[i - 1]]
+
+
+def test_scripted_curtailment_passes_through_every_regime(tmp_path, text_shards, tiny_tokenizer):
+    run_dir, run_id = tmp_path / "run", "e2e"
+    write_scenario(tmp_path)
+    r = connect(run_dir=run_dir)  # the run's embedded Redis: server, sites and energy simulation share it
+    flwr_home, env = flwr_env_for(tmp_path)
+    run_config = " ".join([
+        f'run-id="{run_id}"', f'run-dir="{run_dir}"', f'data-dir="{text_shards}"', f'tokenizer-dir="{tiny_tokenizer}"',
+        "token-budget=10000000", "depth=2", "max-seq-len=128", "device-batch-size=4", "total-batch-size=1024",
+        "eval-tokens=2048"])
+    server = subprocess.Popen([str(VENV_BIN / "flwr"), "run", ".", "local-simulation", "--stream",
+                               "--run-config", run_config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env, cwd=PROJECT_ROOT)
+    energy = None
+    try:
+        events_key = protocol.server_events_key(run_id)
+        deadline = time.monotonic() + 90
+        while not any(f["kind"] == "sites" for _, f in r.xrange(events_key)):
+            assert time.monotonic() < deadline and server.poll() is None, "the server never saw its sites"
+            time.sleep(0.5)
+        energy = subprocess.Popen(
+            [sys.executable, str(PROJECT_ROOT / "energy_simulation.py"), "--scenario", str(tmp_path / "scenario.toml"),
+             "--run-id", run_id, "--run-dir", str(run_dir), "--speedup", str(STEP_S / WALL_S_PER_STEP)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env())
+        output, _ = server.communicate(timeout=170)
+        assert server.returncode == 0, output
+        assert "finished outcome=energy simulation finished" in output, output
+        energy.wait(timeout=30)
+    finally:
+        for proc in (server, energy):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+        stop_local_superlink(flwr_home)
+
+    events = [f for _, f in r.xrange(protocol.server_events_key(run_id))]
+    release(r, run_dir)
+    regimes = dedup([e["regime"] for e in events if e["kind"] == "regime"])
+    assert regimes == ["paused", "solo", "federated", "solo", "paused", "federated"], regimes
+    starts = [e for e in events if e["kind"] == "round-start"]
+    member_sets = dedup([set(e["sites"].split(",")) for e in starts])
+    assert member_sets == [p for p in PHASES if p], member_sets
+
+    # data: within a round, sites hold disjoint shards; across rounds, a shard's committed cursor only advances
+    for start in starts:
+        held = [s for shards in json.loads(start["shards"]).values() for s in shards]
+        assert len(held) == len(set(held)), start
+    ends = [e for e in events if e["kind"] == "round-end"]
+    assert all(e["reason"] for e in ends)
+    bpbs = [float(e["val_bpb"]) for e in ends if e["val_bpb"] != "-"]
+    assert len(bpbs) >= 3 and bpbs[-1] < bpbs[0], bpbs
+    assert (run_dir / "final_model.safetensors").exists()
+    assert (run_dir / "global" / "LATEST").exists()
