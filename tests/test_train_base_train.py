@@ -5,6 +5,7 @@ any work; the seed's d20 command parses under torchrun."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from tests.conftest import PROJECT_ROOT, subprocess_env
 
 STEPS = 20
 TINY = ["--depth", "2", "--max_seq_len", "64", "--device_batch_size", "4", "--total_batch_size", "512",
-        "--num_iterations", str(STEPS), "--eval_every", "-1"]
+        "--num_iterations", str(STEPS), "--eval_every", "10", "--eval_tokens", "2048"]
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +51,17 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
 
 
+def val_bpb(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["val_bpb"] for r in map(json.loads, lines) if "val_bpb" in r}
+
+
 def interrupt(args: list[str], env: dict[str, str], run_dir: Path, after_steps: int, sig: int,
-              nproc: int = 1) -> tuple[int, str]:
-    """Start a run, send `sig` once `after_steps` steps are logged, return (exit code, output)."""
+              nproc: int = 1, whole_group: bool = False) -> tuple[int, str]:
+    """Start a run, send `sig` once `after_steps` steps are logged (to every process of the run if
+    `whole_group`: the machine dies), return (exit code, output)."""
     proc = subprocess.Popen(command(nproc) + args, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=whole_group)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= after_steps):
@@ -62,7 +69,10 @@ def interrupt(args: list[str], env: dict[str, str], run_dir: Path, after_steps: 
             proc.kill()
             raise AssertionError(f"run ended or hung before step {after_steps}: {proc.communicate()[0][-3000:]}")
         time.sleep(0.02)
-    proc.send_signal(sig)
+    if whole_group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     return proc.returncode, out
 
@@ -76,6 +86,9 @@ def reference(tmp_path_factory, data_args, env) -> list[tuple[int, float]]:
     curve = losses(run_dir)
     assert [s for s, _ in curve] == list(range(1, STEPS + 1))
     assert curve[-1][1] < curve[0][1] - 1.0                           # it learned something
+    first_bpb = float(proc.stdout.split("step 00000 | val bpb ")[1].split()[0])
+    bpb = val_bpb(run_dir)
+    assert sorted(bpb) == [10, 20] and bpb[20] < first_bpb - 0.2       # periodic validation, and it improved
     assert (run_dir / "final_model.safetensors").is_file()
     assert ckpt.list_checkpoints(run_dir) == [STEPS]
     return curve
@@ -128,6 +141,27 @@ def test_two_gloo_ranks_match_one_process_and_stop_together(tmp_path, data_args,
     assert [s for s, _ in curve] == [s for s, _ in reference]
     for (_, got), (_, want) in zip(curve, reference, strict=True):
         assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
+
+
+def test_two_ranks_reading_their_own_documents_resume_exactly_after_the_machine_dies(tmp_path, data_args, env):
+    """--data_sharding documents (the default): each rank has its own data cursor. SIGKILL to every process
+    of a 2-rank torchrun run; --resume under 2 ranks reproduces the uninterrupted 2-rank run exactly; a
+    resume on 1 rank is refused (its documents would differ)."""
+    straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
+    straight = run(TINY + data_args + ["--checkpoint_dir", str(straight_dir)], env, nproc=2)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    args = TINY + data_args + ["--checkpoint_dir", str(killed_dir), "--save_every", "4"]
+    code, out = interrupt(args, env, killed_dir, after_steps=6, sig=signal.SIGKILL, nproc=2, whole_group=True)
+    assert code == -signal.SIGKILL
+    last = ckpt.find_last_checkpoint(killed_dir)
+    _, _, meta = ckpt.load_checkpoint(last, load_optim=False)
+    assert [c["rank"] for c in meta["data_cursors"]] == [0, 1] and meta["data_cursors"][0] != meta["data_cursors"][1]
+    refused = run(args + ["--resume"], env)
+    assert refused.returncode == 2 and "resume with 2 rank(s)" in refused.stderr
+    resumed = run(args + ["--resume"], env, nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(killed_dir) == losses(straight_dir)
+    assert val_bpb(killed_dir) == val_bpb(straight_dir)
 
 
 @pytest.mark.parametrize("extra, message", [
