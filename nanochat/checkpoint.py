@@ -5,7 +5,8 @@ A training checkpoint is a directory `step_NNNNNN/` holding
     optim.safetensors   optimizer state, "<optimizer>/<param name>.<key>" (full, unsharded)
     meta.json           step, tokens, configs, data cursor(s), anything JSON
 It is assembled under a temporary name beside its final place, every file fsync'ed, and renamed into place
-in one step: a reader (or a resume after SIGKILL) sees a whole checkpoint or none. A finished model can also
+in one step: a reader (or a resume after SIGKILL) sees a whole checkpoint or none. Old checkpoints are renamed
+out of sight before they are deleted, for the same reason. A finished model can also
 be written as one file (`save_model`): weights plus the model config in the safetensors header.
 """
 
@@ -51,6 +52,14 @@ def _umask() -> int:
     return mask
 
 
+def _hide(step_dir: Path) -> Path:
+    """Rename a checkpoint out of sight in one step before deleting it: a deletion cut short (SIGKILL) must
+    not leave a listed checkpoint with some of its files gone."""
+    hidden = Path(tempfile.mkdtemp(prefix=f".{step_dir.name}.old-", dir=step_dir.parent))
+    os.rename(step_dir, hidden / step_dir.name)
+    return hidden
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
@@ -61,7 +70,7 @@ def save_checkpoint(checkpoint_dir: Path | str, step: int, model_state: dict[str
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir / step_dir_name(step)
-    for stale in checkpoint_dir.glob(".step_*.tmp-*"):  # left by a writer that died mid-save (one writer per dir)
+    for stale in checkpoint_dir.glob(".step_*"):  # left by a writer that died mid-save or mid-delete (one per dir)
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=checkpoint_dir))
     try:
@@ -73,8 +82,7 @@ def save_checkpoint(checkpoint_dir: Path | str, step: int, model_state: dict[str
             _fsync_file(tmp / name)
         _fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. stopped right after a resume): swap it
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=checkpoint_dir))
-            os.rename(final, old / final.name)
+            old = _hide(final)
             os.rename(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -85,7 +93,7 @@ def save_checkpoint(checkpoint_dir: Path | str, step: int, model_state: dict[str
         raise
     if keep is not None:
         for old_step in list_checkpoints(checkpoint_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(checkpoint_dir / step_dir_name(old_step), ignore_errors=True)
+            shutil.rmtree(_hide(checkpoint_dir / step_dir_name(old_step)), ignore_errors=True)
     return final
 
 

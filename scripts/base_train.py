@@ -17,7 +17,6 @@ at the end, final_model.safetensors. SIGTERM (or Ctrl-C) stops at the next step 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import signal
@@ -83,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval_every", type=int, default=250, help="validation bpb every N steps (<= 0: never)")
     g.add_argument("--eval_tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
-    g.add_argument("--save_every", type=int, default=-1, help="checkpoint every N steps (<= 0: only at the end "
+    g.add_argument("--save_every", type=int, default=1000, help="checkpoint every N steps (<= 0: only at the end "
                    "and on stop)")
     g.add_argument("--keep_checkpoints", type=int, default=2, help="newest checkpoints kept (<= 0: all)")
     return p
@@ -137,8 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         validate_config(cfg, world_size)
     except ValueError as e:
         return fail(str(e))
-    if args.wandb != "off" and rank == 0 and importlib.util.find_spec("wandb") is None:
-        return fail("--wandb needs the wandb package: pip install wandb (or --wandb off)")
+    wandb = None
+    if args.wandb != "off" and rank == 0:
+        try:
+            import wandb
+        except ImportError as e:
+            return fail(f"--wandb {args.wandb} needs the wandb package ({e}): pip install wandb, or --wandb off")
     base_dir = None
     if args.tokenizer_dir is None or args.data_dir is None or args.checkpoint_dir is None:
         base_dir = get_base_dir()
@@ -223,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             loader.close()
 
     wandb_run = None
-    if args.wandb != "off" and rank == 0:
-        import wandb
-
+    if wandb is not None:
         wandb_run = wandb.init(project="nanochat", name=args.run, mode=args.wandb,
                                config={**asdict(cfg), "num_params": plan.num_params, "world_size": world_size},
                                dir=str(checkpoint_dir))
