@@ -140,6 +140,18 @@ def test_end_of_data_takes_no_partial_step(text_shards, tiny_tokenizer):
     assert all(torch.equal(before[k], v) for k, v in trainer.get_weights().items())
 
 
+def test_loop_ends_with_a_checkpoint_when_data_runs_out(tmp_path):
+    cfg = tiny_cfg(num_iterations=100, total_batch_size=8 * 64)
+    trainer = Trainer.create(cfg, plan_training(cfg, 300, 1), CPU)
+    x = torch.randint(0, 300, (8, 64))
+    trainer.train_batches = iter([(x, x)] * 3)
+    logged = []
+    outcome = train_loop(trainer, tmp_path, save_every=2, keep=None, log=logged.append)
+    assert (outcome.reason, outcome.step) == ("data", 3)
+    assert [p.name for p in sorted(tmp_path.iterdir())] == ["step_000002", "step_000003"]
+    assert any("training data ran out during step 4" in line for line in logged)
+
+
 def test_rows_and_documents_sharding_agree_on_one_rank(text_shards, tiny_tokenizer):
     """With one rank both modes read the same tokens in the same order (rows slices whole-step batches)."""
     tok = Tokenizer.from_directory(tiny_tokenizer)
