@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redis-url", default=None,
                         help=f"Redis URL (default: ${coordination.REDIS_URL_ENV}, else the run's embedded server)")
     parser.add_argument("--run-dir", default=None,
-                        help=f"run directory of the embedded Redis (default: ${coordination.RUN_DIR_ENV} or runs/default)")
+                        help=f"run directory of the embedded Redis (default: ${coordination.RUN_DIR_ENV}, else "
+                             f"${coordination.HOME_ENV}/runs/RUN_ID with {coordination.HOME_ENV}=~/.cache/pilot)")
     parser.add_argument("--speedup", type=float, default=1.0,
                         help="simulated seconds per wall second: 1 = live, 3600 = an hour per second, 0 = unpaced")
     horizon = parser.add_mutually_exclusive_group()
@@ -56,6 +57,7 @@ def until_step(args: argparse.Namespace, scenario: sites.Scenario) -> int | None
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.run_dir = args.run_dir or coordination.default_run_dir(args.run_id)
     stop = threading.Event()
 
     def request_stop(signum: int, _frame) -> None:

@@ -40,7 +40,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def cmd_redis(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
+    run_dir = Path(args.run_dir) if args.run_dir else coordination.default_run_dir(args.run_id)
     server = coordination.EmbeddedRedis(run_dir)
     if args.action == "start":
         url = server.ensure()
@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("redis", help="start, inspect or stop the embedded Redis of a run")
     p.add_argument("action", choices=["start", "status", "stop"])
-    p.add_argument("--run-dir", default=str(coordination.default_run_dir()),
-                   help="run directory (default: $PILOT_RUN_DIR or runs/default)")
+    p.add_argument("--run-id", default="default", help="the run (default: default)")
+    p.add_argument("--run-dir", default="",
+                   help="run directory (default: $PILOT_RUN_DIR, else $PILOT_HOME/runs/RUN_ID, PILOT_HOME=~/.cache/pilot)")
     p.set_defaults(func=cmd_redis)
 
     p = sub.add_parser("plan", help="replay MOER traces without Redis: curtailment windows per site and overlap",

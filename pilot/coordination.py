@@ -7,7 +7,7 @@ lives in the run directory, so every process of the same run shares one server, 
 the run to let go shuts it down. The embedded server keeps an append-only file in the run directory,
 so stopping and starting it again loses nothing that was acknowledged.
 
-    r = connect()                       # PILOT_REDIS_URL, else the embedded server of PILOT_RUN_DIR
+    r = connect(run_dir=run_dir)        # PILOT_REDIS_URL, else the embedded server of the run directory
     r = connect("rediss://:pw@host:6380/2")
     with embedded_redis(run_dir) as url:    # own the embedded server for a block
         ...
@@ -34,7 +34,8 @@ import redis
 
 # ------------------------------------------------------------------ settings
 REDIS_URL_ENV = "PILOT_REDIS_URL"      # where a configured Redis lives; empty means embedded
-RUN_DIR_ENV = "PILOT_RUN_DIR"          # the run directory; default ./runs/default
+RUN_DIR_ENV = "PILOT_RUN_DIR"          # the run directory; default $PILOT_HOME/runs/RUN_ID
+HOME_ENV = "PILOT_HOME"                # where runs live; default ~/.cache/pilot
 CONNECT_TIMEOUT_S = 5.0                # a configured server that does not answer within this is an error
 EMBEDDED_START_TIMEOUT_S = 10.0
 # fsync every write: "acknowledged" must mean "on disk" when Redis is restarted mid-run
@@ -276,8 +277,13 @@ def _wait_for_exit(pid: int, timeout_s: float = 10.0) -> None:
 
 
 # ------------------------------------------------------------------ the front door
-def default_run_dir() -> Path:
-    return Path(os.environ.get(RUN_DIR_ENV) or Path("runs") / "default")
+def default_run_dir(run_id: str = "default") -> Path:
+    """$PILOT_RUN_DIR, else $PILOT_HOME/runs/RUN_ID (PILOT_HOME: ~/.cache/pilot). Absolute, so that every
+    process of a run (Flower starts some of them in other folders) finds the same directory."""
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV]).resolve()
+    home = Path(os.environ.get(HOME_ENV) or Path.home() / ".cache" / "pilot")
+    return (home / "runs" / run_id).resolve()
 
 
 def connect(url: str | None = None, *, run_dir: str | os.PathLike[str] | None = None,

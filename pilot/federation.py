@@ -49,15 +49,11 @@ POLL_S = 0.25               # how often a round looks for replies and energy new
 REDISCOVER_S = 5.0          # how often the server looks for SuperNodes that (re)connected
 
 
-def default_run_dir(run_id: str) -> Path:
-    return Path(os.environ.get(coordination.RUN_DIR_ENV) or Path.home() / ".cache" / "pilot" / "runs" / run_id)
-
-
 class Federation:
     def __init__(self, grid: Grid, cfg: dict):
         self.grid, self.cfg = grid, cfg
         self.run_id = cfg["run-id"]
-        self.run_dir = Path(cfg["run-dir"] or default_run_dir(self.run_id)).resolve()
+        self.run_dir = Path(cfg["run-dir"] or coordination.default_run_dir(self.run_id)).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.redis_url = cfg["redis-url"] or os.environ.get(coordination.REDIS_URL_ENV) or \
             coordination.EmbeddedRedis(self.run_dir).ensure()

@@ -6,6 +6,7 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from pilot.coordination import find_redis_server, free_port
 pytest_plugins = ["tests.fixtures_data"]  # real-text shards and a tokenizer, shared by data and training tests
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# runs that a test does not place itself land here, never in the user's ~/.cache/pilot
+os.environ["PILOT_HOME"] = tempfile.mkdtemp(prefix="pilot-home-")
 VENV_BIN = Path(sys.executable).parent  # flwr, flower-superlink, pilot live beside the interpreter
 
 
