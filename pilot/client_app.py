@@ -37,9 +37,10 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(RecordDict({IDENTIFY: record}), reply_to=msg)
 
 
-def trainer_command(site: str, run_id: str, run_dir: str, redis_url: str, nproc: int, device: str) -> list[str]:
+def trainer_command(site: str, run_id: str, run_dir: str, nproc: int, device: str) -> list[str]:
+    """The site trainer's command line (the Redis URL, which may hold a password, goes by environment)."""
     module = ["-m", "pilot.site_trainer", "--site", site, "--run-id", run_id, "--run-dir", run_dir,
-              "--redis-url", redis_url, "--device", device]
+              "--device", device]
     if nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *module]
     return [sys.executable, *module]
@@ -54,26 +55,41 @@ def ensure_trainer(r: redis.Redis, site: str, run_id: str, run_dir: str, redis_u
         return time.monotonic()  # another ClientApp is starting it right now
     log_dir = Path(run_dir) / "sites" / site
     log_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_dir / "trainer.log", "ab") as log:
-        subprocess.Popen(trainer_command(site, run_id, run_dir, redis_url, nproc, device), stdout=log,
-                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # Started through a launcher that exits at once, so the trainer is nobody's child: a process manager
+    # that kills the children of a ClientApp process when it ends (Ray's workers do) cannot take it along.
+    launcher = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, json.dumps(trainer_command(site, run_id, run_dir, nproc, device)),
+         str(log_dir / "trainer.log")],
+        env={**os.environ, "PYTHONUNBUFFERED": "1", coordination.REDIS_URL_ENV: redis_url}, timeout=60,
+        stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if launcher.returncode != 0:
+        raise RuntimeError(f"could not start the trainer of {site}: {launcher.stderr.strip()}")
     return time.monotonic()
 
 
-def wait_for_result(r: redis.Redis, run_id: str, site: str, round_number: int, after_id: str,
+LAUNCHER = """
+import json, subprocess, sys
+with open(sys.argv[2], "ab") as log:
+    subprocess.Popen(json.loads(sys.argv[1]), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                     start_new_session=True)
+"""
+
+
+def wait_for_result(r: redis.Redis, run_id: str, site: str, request: RoundRequest, after_id: str,
                     launched_at: float | None) -> RoundResult:
     outbox = protocol.outbox_key(run_id, site)
+    round_number = request.round
     while True:
         for _, entries in r.xread({outbox: after_id}, block=1000) or []:
             for entry_id, fields in entries:
                 after_id = entry_id
-                if int(fields["round"]) == round_number:
-                    return RoundResult.from_json(fields["result"])
+                result = RoundResult.from_json(fields["result"])
+                if result.round == round_number and result.server_id == request.server_id:
+                    return result
         if not r.exists(protocol.alive_key(run_id, site)):
             starting = launched_at is not None and time.monotonic() - launched_at < TRAINER_START_TIMEOUT_S
             if not starting:
-                return RoundResult(round=round_number, site=site, status="error",
+                return RoundResult(round=round_number, site=site, status="error", server_id=request.server_id,
                                    reason=f"the trainer of {site} died (see {protocol.trainer_key(run_id, site)})")
         else:
             launched_at = None  # it is up: from now on, silence means death
@@ -96,7 +112,7 @@ def train(msg: Message, context: Context) -> Message:
     # MAXLEN 1: a trainer that (re)starts finds only the newest request, never a stale one
     r.xadd(protocol.inbox_key(run_id, site), {"kind": "train", "round": request.round, "request": request.to_json()},
            maxlen=1)
-    result = wait_for_result(r, run_id, site, request.round, after_id, launched_at)
+    result = wait_for_result(r, run_id, site, request, after_id, launched_at)
     r.close()
     return Message(RecordDict({RESULT_KEY: ConfigRecord({"result": result.to_json()})}), reply_to=msg)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import threading
 import time
 from dataclasses import asdict
 from logging import INFO, WARNING
@@ -70,6 +71,7 @@ class Federation:
                                       token=self.blob_token).start()
         self.blob_url = cfg["blob-url"] or self.blob_server.url
         self.regime = ""
+        self._take_over()
 
     # -------------------------------------------------------------- setup
     def _setup_training(self) -> None:
@@ -117,6 +119,26 @@ class Federation:
                 self.r.hset(self.ledger.key, mapping={k: json.dumps(v, sort_keys=True) for k, v in records.items()})
             self.ledger.init(self.train_shards)
             self.emit("resume", detail=f"from {path.name}: round {self.state.round}, {self.state.tokens} tokens")
+
+    def _take_over(self) -> None:
+        """Become the run's server: sites still working for an earlier incarnation stop, and rounds after
+        the checkpoint (started by a server that died before checkpointing them) may be run again."""
+        self.server_id = secrets.token_hex(6)
+        self.r.set(protocol.server_current_key(self.run_id), self.server_id)
+        self._alive = threading.Event()
+        threading.Thread(target=self._heartbeat, name="server-heartbeat", daemon=True).start()
+        stale = [k for k in self.r.scan_iter(match=coordination.key(self.run_id, "round", "*", "stop"))
+                 if int(k.split(":")[-2]) > self.state.round]
+        if stale:
+            self.r.delete(*stale)
+
+    def _heartbeat(self) -> None:
+        while not self._alive.is_set():
+            try:
+                self.r.set(protocol.server_alive_key(self.run_id), self.server_id, ex=protocol.ALIVE_TTL_S)
+            except redis.RedisError as error:
+                log(WARNING, "pilot: heartbeat: %s", error)
+            self._alive.wait(protocol.HEARTBEAT_S)
 
     # -------------------------------------------------------------- logging
     def emit(self, kind: str, **fields: object) -> None:
@@ -214,7 +236,7 @@ class Federation:
             if not assignment.shards:
                 continue
             assignments[site] = assignment
-            request = RoundRequest(round=number, weights_digest=digest, blob_url=self.blob_url,
+            request = RoundRequest(round=number, server_id=self.server_id, weights_digest=digest, blob_url=self.blob_url,
                                    blob_token=self.blob_token, shards=assignment.shards, cursors=assignment.cursors,
                                    schedule_step=schedule_step, max_steps=max_steps)
             record = ConfigRecord({"request": request.to_json(), "run-id": self.run_id, "run-dir": str(self.run_dir),
@@ -238,7 +260,7 @@ class Federation:
                 if site is None:
                     continue
                 if reply.has_error():
-                    results[site] = RoundResult(round=number, site=site, status="error",
+                    results[site] = RoundResult(round=number, site=site, status="error", server_id=self.server_id,
                                                 reason=f"node error: {reply.error.reason}")
                 else:
                     results[site] = RoundResult.from_json(str(reply.content[RESULT_KEY]["result"]))
@@ -347,4 +369,6 @@ class Federation:
         for site in self.seen_sites:
             shutdown_trainer(self.r, self.run_id, site)
         self.blob_server.stop()
+        self._alive.set()
+        self.r.delete(protocol.server_alive_key(self.run_id))
         coordination.release(self.r, self.run_dir)  # the embedded Redis stops when its last user lets go

@@ -8,6 +8,10 @@
     pilot:{run}:site:{name}:trainer     hash: pid, host, status (starting|idle|training|stopped), round, step
     pilot:{run}:site:{name}:alive       string with a TTL the trainer keeps refreshing: gone = trainer dead
     pilot:{run}:round:{n}:stop          string: why round n must stop now (set by the server; sites poll it)
+    pilot:{run}:server:current          string: id of the ServerApp incarnation that runs the federation now;
+                                          a site working for another one stops (that server is gone)
+    pilot:{run}:server:alive            string with a TTL the server keeps refreshing; a site trainer whose
+                                          server has been gone for ORPHAN_TIMEOUT_S exits
     pilot:{run}:server:events           Stream: what the server did (regime, round start/end, checkpoints)
 
 Streams, not pub/sub: a message written while its reader is busy or restarting is still there to read.
@@ -21,8 +25,11 @@ from dataclasses import asdict, dataclass, field
 
 from pilot.coordination import key
 
-ALIVE_TTL_S = 10          # a trainer that has not refreshed its alive key for this long is dead
+ALIVE_TTL_S = 10          # a trainer (or server) that has not refreshed its alive key for this long is dead
 HEARTBEAT_S = 2.0
+ORPHAN_TIMEOUT_ENV = "PILOT_ORPHAN_TIMEOUT_S"
+ORPHAN_TIMEOUT_S = 900.0  # a site trainer with no live server for this long exits (a restarted server within
+                          # that time finds it alive, with its optimizer state)
 
 
 def train_config_key(run: str) -> str:
@@ -49,6 +56,14 @@ def stop_key(run: str, round_number: int) -> str:
     return key(run, "round", round_number, "stop")
 
 
+def server_current_key(run: str) -> str:
+    return key(run, "server", "current")
+
+
+def server_alive_key(run: str) -> str:
+    return key(run, "server", "alive")
+
+
 def server_events_key(run: str) -> str:
     return key(run, "server", "events")
 
@@ -58,6 +73,7 @@ class RoundRequest:
     """What a site trains in one round (from the ServerApp, through Flower, to the site trainer)."""
 
     round: int
+    server_id: str                 # the ServerApp incarnation asking (a restarted server has a new one)
     weights_digest: str            # SHA-256 of the global weights blob to start from
     blob_url: str                  # where to fetch it and upload the result
     blob_token: str
@@ -81,6 +97,7 @@ class RoundResult:
     round: int
     site: str
     status: str                    # "ok" | "error"
+    server_id: str = ""            # the incarnation whose request this answers
     reason: str = ""               # why it stopped (stop signal, window closed, data exhausted, horizon, error)
     weights_digest: str = ""       # the site's weights at the end, uploaded as a blob
     tokens: int = 0                # tokens trained in this round (all ranks)

@@ -74,12 +74,16 @@ class StopWatcher:
     def __init__(self, client: redis.Redis, run: str, site: str, trainer: Trainer):
         self.r, self.run, self.site, self.trainer = client, run, site, trainer
         self.round: int | None = None
+        self.server_id = ""
         self.reason = ""
+        self.orphan_timeout = float(os.environ.get(protocol.ORPHAN_TIMEOUT_ENV) or protocol.ORPHAN_TIMEOUT_S)
+        self.server_seen = time.monotonic()
         self._thread = threading.Thread(target=self._watch, name="stop-watcher", daemon=True)
         self._thread.start()
 
-    def arm(self, round_number: int) -> None:
+    def arm(self, round_number: int, server_id: str) -> None:
         self.reason = ""
+        self.server_id = server_id
         self.round = round_number
 
     def disarm(self) -> None:
@@ -90,13 +94,23 @@ class StopWatcher:
             round_number = self.round
             if round_number is not None and not self.trainer.stop_event.is_set():
                 try:
-                    reason = self.r.get(protocol.stop_key(self.run, round_number))
-                    curtailed = self.r.hget(site_key(self.run, self.site), "curtailed")
+                    pipe = self.r.pipeline(transaction=False)
+                    pipe.get(protocol.stop_key(self.run, round_number))
+                    pipe.hget(site_key(self.run, self.site), "curtailed")
+                    pipe.get(protocol.server_current_key(self.run))
+                    pipe.exists(protocol.server_alive_key(self.run))
+                    reason, curtailed, server, server_alive = pipe.execute()
                 except redis.RedisError as error:  # keep training; the server decides when Redis is back
                     log(f"stop watcher: Redis unavailable ({error})")
-                    reason, curtailed = None, None
+                    reason, curtailed, server, server_alive = None, None, None, True
+                if server_alive:
+                    self.server_seen = time.monotonic()
+                elif reason is None and time.monotonic() - self.server_seen > self.orphan_timeout:
+                    reason = "no server"
                 if reason is None and curtailed == "0":
                     reason = "window closed"
+                if reason is None and server is not None and server != self.server_id:
+                    reason = "the server that asked for this round was replaced"
                 if reason is not None and self.round == round_number:
                     self.reason = reason
                     self.trainer.request_stop()
@@ -188,7 +202,7 @@ class SiteTrainer:
         trainer = self.trainer
         trainer.stop_event.clear()
         if self.watcher is not None:
-            self.watcher.arm(request.round)
+            self.watcher.arm(request.round, request.server_id)
         self._load_weights(request)
         self._set_data(request)
         trainer.step_count = request.schedule_step
@@ -221,7 +235,8 @@ class SiteTrainer:
             self.last_digest = broadcast_json(digest, self.info)
         weights_digest = self.last_digest
         return RoundResult(
-            round=request.round, site=self.site, status="ok", reason=reason, weights_digest=weights_digest,
+            round=request.round, site=self.site, status="ok", server_id=request.server_id, reason=reason,
+            weights_digest=weights_digest,
             tokens=tokens, steps=steps, loss=loss_sum / steps if steps else float("nan"), cursors=cursors,
             world_size=self.info.world_size, exhausted=exhausted, trainer_pid=os.getpid(),
             trainer_step=self.steps_total, seconds_training=training_s,
@@ -247,6 +262,8 @@ def serve(args: argparse.Namespace) -> int:
     site = SiteTrainer(args.site, args.run_id, client, info, spec)
     inbox, outbox = protocol.inbox_key(args.run_id, args.site), protocol.outbox_key(args.run_id, args.site)
     last_id = "$"
+    orphan_timeout = float(os.environ.get(protocol.ORPHAN_TIMEOUT_ENV) or protocol.ORPHAN_TIMEOUT_S)
+    server_seen = time.monotonic()
     if client is not None:
         # work written before this process started is still there: start after the last handled entry
         last_id = client.hget(protocol.trainer_key(args.run_id, args.site), "inbox_id") or "0-0"
@@ -260,6 +277,11 @@ def serve(args: argparse.Namespace) -> int:
                 entry_id, fields_ = entries[0][1][0]
                 last_id = entry_id
                 message = dict(fields_, id=entry_id)
+            elif client.exists(protocol.server_alive_key(args.run_id)):
+                server_seen = time.monotonic()
+            elif time.monotonic() - server_seen > orphan_timeout:
+                log(f"site {args.site}: no server for {orphan_timeout:.0f} s: exiting")
+                message = {"kind": "shutdown"}
         message = broadcast_json(message, info)
         if message is None:
             continue
@@ -267,6 +289,10 @@ def serve(args: argparse.Namespace) -> int:
             log(f"site {args.site}: shutdown requested")
             break
         request = RoundRequest.from_json(message["request"])
+        current = client.get(protocol.server_current_key(args.run_id)) if client is not None else None
+        if broadcast_json(current is not None and current != request.server_id, info):
+            log(f"round {request.round}: asked by a server that was replaced; skipped")
+            continue
         if heartbeat is not None:
             heartbeat.update(status="training", round=request.round)
         try:
@@ -274,7 +300,7 @@ def serve(args: argparse.Namespace) -> int:
         except (BlobError, ValueError, RuntimeError) as error:
             log(f"round {request.round} failed: {error}")
             result = RoundResult(round=request.round, site=args.site, status="error", reason=str(error),
-                                 trainer_pid=os.getpid(), trainer_step=site.steps_total)
+                                 server_id=request.server_id, trainer_pid=os.getpid(), trainer_step=site.steps_total)
         if client is not None:
             client.xadd(outbox, {"round": request.round, "result": result.to_json()})
             client.hset(protocol.trainer_key(args.run_id, args.site), "inbox_id", message["id"])
@@ -293,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site", required=True, help="site name (the SuperNode's node-config name)")
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--run-dir", default=None, help="run directory (for the embedded Redis)")
-    parser.add_argument("--redis-url", default="", help="Redis of the run (default: $PILOT_REDIS_URL)")
+    parser.add_argument("--redis-url", default="",
+                        help="Redis of the run (default: $PILOT_REDIS_URL; prefer the variable: a URL with a "
+                             "password on the command line is visible to every user of the host)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     return serve(parser.parse_args(argv))
 
