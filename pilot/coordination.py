@@ -31,6 +31,8 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 # ------------------------------------------------------------------ settings
 REDIS_URL_ENV = "PILOT_REDIS_URL"      # where a configured Redis lives; empty means embedded
@@ -41,6 +43,11 @@ EMBEDDED_START_TIMEOUT_S = 10.0
 # fsync every write: "acknowledged" must mean "on disk" when Redis is restarted mid-run
 EMBEDDED_APPENDFSYNC = "always"
 CLIENT_NAME_PREFIX = "pilot-"          # how the embedded server counts the processes that use it
+# A server that goes away mid-run (restarted, failed over) is waited for: commands are retried with backoff
+# for about this long before the error reaches the caller. The first PING is not retried: a wrong URL or
+# password is reported at once.
+OUTAGE_RETRIES = 30
+OUTAGE_BACKOFF = ExponentialBackoff(cap=2.0, base=0.05)   # ~50 s in all
 
 
 class RedisUnavailable(RuntimeError):
@@ -94,12 +101,17 @@ def client_from_url(url: str, *, client_name: str | None = None, decode_response
     """A client for `url`, checked with PING so that a bad URL fails here and not deep inside a run."""
     _check_url(url)
     name = client_name or f"{CLIENT_NAME_PREFIX}{os.getpid()}"
+    options = dict(decode_responses=decode_responses, client_name=name, socket_connect_timeout=CONNECT_TIMEOUT_S,
+                   health_check_interval=30)
     try:
-        client = redis.Redis.from_url(url, decode_responses=decode_responses, client_name=name,
-                                      socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=30)
-        client.ping()
+        probe = redis.Redis.from_url(url, **options, retry=Retry(OUTAGE_BACKOFF, 0))
+        probe.ping()
+        probe.close()
     except (redis.RedisError, OSError, ValueError) as error:
         raise RedisUnavailable(describe_failure(url, error)) from error
+    client = redis.Redis.from_url(url, **options, retry=Retry(OUTAGE_BACKOFF, OUTAGE_RETRIES),
+                                  retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+    client.ping()  # connected now: the embedded server counts this process among its users from here on
     return client
 
 
@@ -159,8 +171,13 @@ class EmbeddedRedis:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def read_state(self) -> EmbeddedState | None:
+        """The running server as recorded (it may have died since: see `alive`)."""
+        return self._read(self.state_file)
+
+    @staticmethod
+    def _read(path: Path) -> EmbeddedState | None:
         try:
-            return EmbeddedState(**json.loads(self.state_file.read_text()))
+            return EmbeddedState(**json.loads(path.read_text()))
         except (FileNotFoundError, json.JSONDecodeError, TypeError):
             return None
 
@@ -182,10 +199,13 @@ class EmbeddedRedis:
 
     def _start(self) -> EmbeddedState:
         binary = find_redis_server()
-        password = secrets.token_hex(16)
+        # a restarted server comes back at the same address with the same password, so that clients
+        # waiting out the outage (OUTAGE_RETRIES) reconnect to it without being told anything
+        previous = self._read(self.dir / "address.json")
+        password = previous.password if previous else secrets.token_hex(16)
         last_error = ""
-        for _ in range(5):  # the port can be taken between free_port() and bind: try another
-            port = free_port()
+        for attempt in range(5):  # the port can be taken between free_port() and bind: try another
+            port = previous.port if previous and attempt == 0 else free_port()
             config = "\n".join([
                 "bind 127.0.0.1", f"port {port}", f"requirepass {password}", "daemonize no",
                 f"dir {self.dir}", "appendonly yes", f"appendfsync {EMBEDDED_APPENDFSYNC}", 'save ""',
@@ -201,10 +221,11 @@ class EmbeddedRedis:
             deadline = time.monotonic() + EMBEDDED_START_TIMEOUT_S
             while time.monotonic() < deadline and proc.poll() is None:
                 if self.alive(state):
-                    tmp = self.state_file.with_suffix(".tmp")
-                    tmp.write_text(json.dumps(state.__dict__))
-                    os.chmod(tmp, 0o600)
-                    os.replace(tmp, self.state_file)
+                    for path in (self.dir / "address.json", self.state_file):
+                        tmp = path.with_suffix(".tmp")
+                        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+                            f.write(json.dumps(state.__dict__))
+                        os.replace(tmp, path)
                     return state
                 time.sleep(0.05)
             if proc.poll() is None:
@@ -237,7 +258,8 @@ class EmbeddedRedis:
             if others:
                 client.close()
                 return False
-            return self._shutdown(client)
+            client.close()
+            return self._shutdown()
 
     def stop(self) -> bool:
         """Shut the server down whoever uses it (`pilot redis stop`). True if one was running."""
@@ -245,14 +267,16 @@ class EmbeddedRedis:
             state = self.read_state()
             if not state or not self.alive(state):
                 return False
-            return self._shutdown(redis.Redis.from_url(state.url))
+            return self._shutdown()
 
-    def _shutdown(self, client: redis.Redis) -> bool:
+    def _shutdown(self) -> bool:
         state = self.read_state()
-        with contextlib.suppress(redis.ConnectionError):
+        if state is None:
+            return False
+        # a client of its own without retries: SHUTDOWN ends the connection, which is no outage to wait out
+        with contextlib.suppress(redis.ConnectionError), redis.Redis.from_url(state.url) as client:
             client.shutdown()  # flushes the append-only file, then exits
-        if state:
-            _wait_for_exit(state.pid)
+        _wait_for_exit(state.pid)
         with contextlib.suppress(FileNotFoundError):
             self.state_file.unlink()
         return True

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -156,3 +157,26 @@ def test_pilot_redis_start_status_stop(tmp_path):
     assert pilot("redis", "stop").stdout.strip() == "stopped"
     status = pilot("redis", "status")
     assert status.returncode == 1 and "not running" in status.stdout
+
+
+def test_a_killed_embedded_server_comes_back_at_the_same_address_with_every_acknowledged_write(tmp_path):
+    run_dir = tmp_path / "run"
+    client = connect(run_dir=run_dir)
+    state = EmbeddedRedis(run_dir).read_state()
+    for i in range(200):
+        client.xadd("log", {"i": i})  # acknowledged: fsynced to the append-only file before the reply
+    os.kill(state.pid, signal.SIGKILL)
+    restarted = threading.Timer(1.0, lambda: EmbeddedRedis(run_dir).ensure())
+    restarted.start()
+    # the client waits out the outage (retries with backoff) and finds everything on the restarted server
+    assert client.xlen("log") == 200
+    restarted.join()
+    again = EmbeddedRedis(run_dir).read_state()
+    assert again.pid != state.pid and (again.port, again.password) == (state.port, state.password)
+    assert coordination.release(client, run_dir) is True
+
+
+def test_release_leaves_a_configured_server_alone(redis_server, tmp_path):
+    client = connect(redis_server.url)
+    assert coordination.release(client, tmp_path) is False
+    assert client.ping()

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
+import time
 
 import psutil
 
 from pilot import protocol
-from pilot.coordination import connect, free_port, release
+from pilot.coordination import EmbeddedRedis, connect, free_port, release
 from pilot.sites import site_name
 from tests.conftest import PROJECT_ROOT, VENV_BIN, subprocess_env
 
@@ -52,36 +55,47 @@ def flwr_env_for(tmp_path) -> tuple:
     return flwr_home, env
 
 
-def run_simulation(tmp_path, run_config: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    """`flwr run . local-simulation` with an isolated Flower home and local SuperLink ports."""
-    flwr_home, env = flwr_env_for(tmp_path)
-    try:
-        return subprocess.run([str(VENV_BIN / "flwr"), "run", ".", "local-simulation", "--stream",
-                               "--run-config", run_config], capture_output=True, text=True, env=env,
-                              cwd=PROJECT_ROOT, timeout=timeout)
-    finally:
-        stop_local_superlink(flwr_home)
-
-
 def test_a_simulation_run_trains_every_site_with_persistent_trainers(tmp_path, text_shards, tiny_tokenizer):
+    """Three sites, every round: the same trainer processes throughout; Redis is killed and restarted
+    mid-run, and the run carries on with nothing lost that was acknowledged."""
     run_dir = tmp_path / "run"
-    result = run_simulation(tmp_path, " ".join([
+    r = connect(run_dir=run_dir)  # the run's embedded Redis, shared with the server and the sites
+    events_key = protocol.server_events_key("sim")
+    flwr_home, env = flwr_env_for(tmp_path)
+    run_config = " ".join([
         'run-id="sim"', f'run-dir="{run_dir}"', f'data-dir="{text_shards}"', f'tokenizer-dir="{tiny_tokenizer}"',
-        'curtailment="always"', "round-duration=6", "token-budget=24576", "depth=2", "max-seq-len=128",
-        "device-batch-size=4", "total-batch-size=1024", "eval-tokens=2048"]))
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
+        'curtailment="always"', "round-duration=2", "token-budget=98304", "depth=2", "max-seq-len=128",
+        "device-batch-size=4", "total-batch-size=1024", "eval-tokens=2048"])
+    server = subprocess.Popen([str(VENV_BIN / "flwr"), "run", ".", "local-simulation", "--stream", "--run-config",
+                               run_config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                              cwd=PROJECT_ROOT)
+    try:
+        deadline = time.monotonic() + 150
+        while not [f for _, f in r.xrange(events_key) if f["kind"] == "round-end" and int(f["tokens"]) > 0]:
+            assert time.monotonic() < deadline and server.poll() is None, "no round trained"
+            time.sleep(0.2)
+        before = r.xrange(events_key)
+        os.kill(EmbeddedRedis(run_dir).read_state().pid, signal.SIGKILL)
+        time.sleep(1.0)
+        restarted = subprocess.run([str(VENV_BIN / "pilot"), "redis", "start", "--run-dir", str(run_dir)],
+                                   capture_output=True, text=True, env=subprocess_env(), timeout=60)
+        assert restarted.returncode == 0, restarted.stderr
+        r.ping()  # this process uses the restarted server too (so it is not stopped under our feet at the end)
+        output, _ = server.communicate(timeout=200)
+    finally:
+        if server.poll() is None:
+            server.kill()
+        stop_local_superlink(flwr_home)
+    assert server.returncode == 0, output
     assert "pilot: sites connected=client_0,client_1,client_2" in output, output
     assert "finished outcome=horizon" in output, output
     assert (run_dir / "final_model.safetensors").exists()
 
-    # the run's event log survives in its embedded Redis (append-only file in the run dir)
-    r = connect(run_dir=run_dir)
-    try:
-        ends = [f for _, f in r.xrange(protocol.server_events_key("sim")) if f["kind"] == "round-end"]
-    finally:
-        release(r, run_dir)
-    assert len(ends) >= 2, ends
+    entries = r.xrange(events_key)
+    assert entries[: len(before)] == before, "every event acknowledged before the restart is still there"
+    release(r, run_dir)
+    ends = [f for _, f in entries if f["kind"] == "round-end"]
+    assert len(ends) >= 2 and int(ends[-1]["round"]) > int(before[-1][1].get("round", 0) or 0)
     assert all(e["regime"] == "federated" and e["sites"] == "client_0,client_1,client_2" for e in ends)
     trainers = [json.loads(e["trainers"]) for e in ends]
     for site in ("client_0", "client_1", "client_2"):
