@@ -61,6 +61,8 @@ class Federation:
         self.r = coordination.connect(self.redis_url)
         self.events = EnergyEvents(self.r, self.run_id, consumer="server")
         self.sites: dict[str, int] = {}       # site name -> Flower node id
+        self.node_names: dict[int, tuple[str, float]] = {}   # node id -> (site name, when it said so)
+        self.dead_nodes: set[int] = set()     # nodes that failed: never used again
         self.seen_sites: set[str] = set()     # every site that connected during this run (their trainers)
         self.last_discovery = 0.0
         self._setup_training()
@@ -152,23 +154,41 @@ class Federation:
 
     # -------------------------------------------------------------- who is there, who may train
     def discover(self, force: bool = False) -> None:
+        """Learn which node serves which site. New nodes are asked their name once; a node that failed is
+        not used again (a restarted SuperNode comes back under a new id); of two nodes with one name, the
+        one that identified itself last serves the site."""
         if not force and time.monotonic() - self.last_discovery < REDISCOVER_S:
             return
         self.last_discovery = time.monotonic()
-        node_ids = set(self.grid.get_node_ids())
-        known = {n: s for s, n in self.sites.items() if n in node_ids}
-        new = node_ids - set(known)
+        node_ids = set(self.grid.get_node_ids()) - self.dead_nodes
+        self.node_names = {n: v for n, v in self.node_names.items() if n in node_ids}
+        new = node_ids - set(self.node_names)
         if new:
             queries = [Message(RecordDict({IDENTIFY: ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
                        for n in new]
-            for reply in self.grid.send_and_receive(queries, timeout=self.cfg["handshake-timeout"]):
+            answered = set()
+            for reply in self.grid.send_and_receive(queries, timeout=min(self.cfg["handshake-timeout"], 30)):
+                node = reply.metadata.src_node_id
                 if not reply.has_error():
-                    known[reply.metadata.src_node_id] = str(reply.content[IDENTIFY]["name"])
-        sites = {s: n for n, s in known.items()}
+                    self.node_names[node] = (str(reply.content[IDENTIFY]["name"]), time.monotonic())
+                    answered.add(node)
+            self.dead_nodes |= new - answered
+        latest: dict[str, tuple[int, float]] = {}
+        for node, (name, seen) in self.node_names.items():
+            if name not in latest or seen > latest[name][1]:
+                latest[name] = (node, seen)
+        sites = {name: node for name, (node, _) in latest.items()}
         if sites != self.sites:
             self.emit("sites", connected=",".join(sorted(sites)) or "-")
         self.sites = sites
         self.seen_sites |= set(sites)
+
+    def node_failed(self, site: str) -> None:
+        """The site's node did not answer: forget it until a node of that site identifies itself again."""
+        node = self.sites.pop(site, None)
+        if node is not None:
+            self.dead_nodes.add(node)
+            self.node_names.pop(node, None)
 
     def curtailed(self) -> set[str]:
         if self.cfg["curtailment"] == "always":
@@ -262,8 +282,14 @@ class Federation:
                 if reply.has_error():
                     results[site] = RoundResult(round=number, site=site, status="error", server_id=self.server_id,
                                                 reason=f"node error: {reply.error.reason}")
+                    self.node_failed(site)
                 else:
                     results[site] = RoundResult.from_json(str(reply.content[RESULT_KEY]["result"]))
+            # a result also lands in the site's outbox: it counts even if the site's SuperNode died on the way
+            for site in set(ids.values()) - set(results):
+                result = self.result_in_outbox(site, number)
+                if result is not None:
+                    results[site] = result
             if len(results) == len(ids):
                 break
             if stop_sent is None:
@@ -286,10 +312,18 @@ class Federation:
                 for site in set(ids.values()) - set(results):
                     results[site] = RoundResult(round=number, site=site, status="error",
                                                 reason=f"no result {cfg['stop-grace']} s after the stop")
+                    self.node_failed(site)
                 break
             self.wait_for_energy_news(block_ms=int(POLL_S * 1000))
         self.r.set(protocol.stop_key(self.run_id, number), stop_reason or "round over", ex=24 * 3600)
         self.aggregate(number, current, results, assignments, stop_reason)
+
+    def result_in_outbox(self, site: str, number: int) -> RoundResult | None:
+        for _, fields in self.r.xrevrange(protocol.outbox_key(self.run_id, site), count=3):
+            result = RoundResult.from_json(fields["result"])
+            if result.round == number and result.server_id == self.server_id:
+                return result
+        return None
 
     def aggregate(self, number: int, current: regimes.Round, results: dict[str, RoundResult],
                   assignments: dict, stop_reason: str) -> None:

@@ -1,0 +1,86 @@
+"""A real deployment on loopback: SuperLink, one SuperNode per site (the seed's --node-config form), the
+ServerApp and ClientApps in their own processes. A SuperNode killed mid-round: the round completes with
+the others, and the site rejoins once its SuperNode is back."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+from pilot import protocol
+from pilot.coordination import connect, free_port, release
+from tests.conftest import PROJECT_ROOT, VENV_BIN, subprocess_env
+
+SITES = ("client_0", "client_1", "client_2")
+
+
+def supernode(env, link_port: int, site: str, index: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(VENV_BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+         "--port", str(free_port()), "--node-config", f'name="{site}" partition-id={index}'],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+
+def test_deployment_survives_a_killed_supernode(tmp_path, text_shards, tiny_tokenizer):
+    run_dir, run_id = tmp_path / "run", "deploy"
+    flwr_home = tmp_path / "flwr-home"
+    flwr_home.mkdir()
+    link_port = free_port()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local-deployment"\n\n[superlink.local-deployment]\n'
+        f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
+    env = subprocess_env(HOME=str(tmp_path), FLWR_HOME=str(flwr_home), PILOT_SITE_THREADS="1")
+    r = connect(run_dir=run_dir)
+    events_key = protocol.server_events_key(run_id)
+
+    def events(kind: str) -> list[dict]:
+        return [f for _, f in r.xrange(events_key) if f["kind"] == kind]
+
+    link = subprocess.Popen([str(VENV_BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                             "--port", str(link_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    nodes = {site: supernode(env, link_port, site, i) for i, site in enumerate(SITES)}
+    run = None
+    try:
+        time.sleep(3)
+        run_config = " ".join([
+            f'run-id="{run_id}"', f'run-dir="{run_dir}"', f'data-dir="{text_shards}"',
+            f'tokenizer-dir="{tiny_tokenizer}"', 'curtailment="always"', "round-duration=6", "stop-grace=45",
+            "token-budget=300000", "depth=2", "max-seq-len=128", "device-batch-size=4", "total-batch-size=1024",
+            "eval-tokens=1024"])
+        run = subprocess.Popen([str(VENV_BIN / "flwr"), "run", ".", "local-deployment", "--stream", "--run-config",
+                                run_config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               cwd=PROJECT_ROOT)
+        deadline = time.monotonic() + 150
+        while not [e for e in events("round-end") if e["sites"] == ",".join(SITES) and int(e["tokens"]) > 0]:
+            assert time.monotonic() < deadline and run.poll() is None, "no round with all three sites"
+            time.sleep(0.5)
+        starts = len(events("round-start"))
+        while len(events("round-start")) == starts:  # kill client_1's SuperNode in the middle of a round
+            assert time.monotonic() < deadline and run.poll() is None
+            time.sleep(0.2)
+        time.sleep(1.0)
+        nodes["client_1"].send_signal(signal.SIGKILL)
+        nodes["client_1"].wait()
+        while not events("site-failed"):
+            assert time.monotonic() < deadline + 60 and run.poll() is None, "the lost site was never noticed"
+            time.sleep(0.5)
+        nodes["client_1"] = supernode(env, link_port, "client_1", 1)
+        output, _ = run.communicate(timeout=240)
+        assert run.returncode == 0, output
+        assert "finished outcome=horizon" in output, output
+    finally:
+        for proc in [run, link, *nodes.values()]:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    failed = events("site-failed")
+    assert failed[0]["site"] == "client_1"
+    ends = events("round-end")
+    failed_round = int(failed[0]["round"])
+    same_round = [e for e in ends if int(e["round"]) == failed_round]
+    assert same_round and same_round[0]["sites"] == "client_0,client_2", "the round completes with the others"
+    rejoined = [e for e in ends if int(e["round"]) > failed_round and "client_1" in e["sites"].split(",")]
+    assert rejoined, "the site rejoins after its SuperNode restarts"
+    assert json.loads(rejoined[-1]["loss"])["client_1"] > 0
+    release(r, run_dir)
