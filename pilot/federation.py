@@ -228,6 +228,9 @@ class Federation:
             if self.ledger.exhausted():
                 outcome = "data exhausted"
                 break
+            if 0 < self.cfg["max-rounds"] <= self.state.round:
+                outcome = "max rounds"
+                break
             if self.energy_finished():
                 outcome = "energy simulation finished"
                 break
@@ -377,6 +380,7 @@ class Federation:
                   trainers=json.dumps({s: [r.trainer_pid, r.trainer_step] for s, r in results.items()}),
                   busy=json.dumps({s: round(r.seconds_training / max(r.seconds_total, 1e-9), 3)
                                    for s, r in results.items() if r.status == "ok"}),
+                  training_s=json.dumps({s: round(r.seconds_training, 3) for s, r in results.items()}),
                   checkpoint=path.name)
 
     def evaluate(self) -> float | None:

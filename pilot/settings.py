@@ -51,6 +51,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max-seq-len", 256, "Context length in tokens."),
     Setting("device-batch-size", 4, "Sequences per rank per micro-step."),
     Setting("total-batch-size", 2048, "Tokens per optimizer step of a site (524288 for d20)."),
+    Setting("max-rounds", 0, "End the run after this many rounds (0: no limit; the token budget still applies)."),
     Setting("token-budget", 0,
             "Tokens to train in all (the schedule's horizon). 0: 20 tokens per parameter (Chinchilla)."),
     Setting("data-dir", "", "Directory of the parquet shards (last one = validation). Empty: $NANOCHAT_BASE_DIR/base_data."),

@@ -224,6 +224,7 @@ class SiteTrainer:
             if result.stop:
                 reason = (self.watcher.reason if self.watcher else "") or "stop"
                 break
+        stopped_at = time.time()  # every rank leaves the loop at the same step boundary
         if self.watcher is not None:
             self.watcher.disarm()
         self.steps_total += steps
@@ -240,7 +241,7 @@ class SiteTrainer:
             tokens=tokens, steps=steps, loss=loss_sum / steps if steps else float("nan"), cursors=cursors,
             world_size=self.info.world_size, exhausted=exhausted, trainer_pid=os.getpid(),
             trainer_step=self.steps_total, seconds_training=training_s,
-            seconds_total=time.perf_counter() - started)
+            seconds_total=time.perf_counter() - started, extra={"stopped_at": stopped_at})
 
 
 def wait_for_train_config(client: redis.Redis, run: str) -> dict:
