@@ -1,0 +1,126 @@
+"""Share of wall time the site trainers spend in optimizer steps while several sites train (federated rounds),
+in a real deployment on loopback: SuperLink, one SuperNode per site, ServerApp, ClientApps, site trainers.
+
+For each site: seconds inside optimizer steps over the wall time of the multi-site phase (first round start
+to last round end), with every second of synchronisation, Flower messaging and evaluation counted as lost.
+Baseline, run side by side: one site training alone for the same wall time (no round trips at all). The
+reference lost ~130 s of every ~647 s round (~80% busy); rounds here are short (default 60 s) so that every
+second of synchronisation shows. Then the seconds to synchronise a d20-sized state (bench/blob_sync.py).
+
+    .venv/bin/python bench/round_overhead.py [--sites 2] [--rounds 3] [--round-seconds 60] [--skip-d20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pilot import coordination, protocol
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deployment(tmp: Path, sites: int, run_id: str, run_config: list[str], timeout: float) -> list[dict]:
+    """Run one federation to its end on a fresh SuperLink with `sites` SuperNodes; its server events."""
+    home = tmp / f"flwr-{run_id}"
+    home.mkdir()
+    port = free_port()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "d"\n[superlink.d]\naddress = "127.0.0.1:{port}"\n'
+                                      "insecure = true\n")
+    env = {**os.environ, "FLWR_HOME": str(home), "PILOT_SITE_THREADS": "1", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    procs = [subprocess.Popen([str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
+    for i in range(sites):
+        procs.append(subprocess.Popen(
+            [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--port",
+             str(free_port()), "--node-config", f'name="client_{i}" partition-id={i}'],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+    run_dir = tmp / run_id
+    r = coordination.connect(run_dir=run_dir)
+    try:
+        time.sleep(3)
+        run = subprocess.run([str(BIN / "flwr"), "run", ".", "d", "--stream", "--run-config",
+                              " ".join([f'run-id="{run_id}"', f'run-dir="{run_dir}"', *run_config])],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+        if run.returncode != 0:
+            raise RuntimeError(run.stdout[-3000:] + run.stderr[-3000:])
+        return [f for _, f in r.xrange(protocol.server_events_key(run_id))]
+    finally:
+        for proc in procs:
+            proc.kill()
+        coordination.release(r, run_dir)
+
+
+def busy_shares(events: list[dict], skip_first: bool) -> dict[str, float]:
+    """Per site: seconds in optimizer steps / wall seconds of the phase made of the rounds considered."""
+    starts = {e["round"]: float(e["wall_ts"]) for e in events if e["kind"] == "round-start"}
+    ends = [e for e in events if e["kind"] == "round-end"]
+    if skip_first:
+        ends = ends[1:]
+    wall = float(ends[-1]["wall_ts"]) - starts[ends[0]["round"]]
+    training: dict[str, float] = {}
+    for e in ends:
+        for site, seconds in json.loads(e["training_s"]).items():
+            training[site] = training.get(site, 0.0) + seconds
+    return {site: seconds / wall for site, seconds in sorted(training.items())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sites", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--round-seconds", type=int, default=60)
+    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--skip-d20", action="store_true", help="skip the d20-sized synchronisation (~7 GB RAM)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        subprocess.run([sys.executable, "-m", "nanochat.offline_corpus", "--out", str(tmp / "data"), "--num-shards", "6"],
+                       check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "scripts.tok_train", "--max_chars=3000000", "--vocab_size=4096",
+                        "--data-dir", str(tmp / "data"), "--out", str(tmp / "tokenizer")],
+                       check=True, capture_output=True, cwd=ROOT)
+        common = [f'data-dir="{tmp / "data"}"', f'tokenizer-dir="{tmp / "tokenizer"}"', 'curtailment="always"',
+                  f"depth={args.depth}", "max-seq-len=128", "device-batch-size=4", "total-batch-size=1024",
+                  "eval-tokens=1024", "token-budget=1000000000"]
+        wall = args.rounds * args.round_seconds
+        print(f"two deployments follow, about {2 * wall + 90} s in all", flush=True)
+        fed_events = deployment(tmp, args.sites, "federated",
+                                common + [f"round-duration={args.round_seconds}", f"max-rounds={args.rounds}"],
+                                timeout=4 * wall + 300)
+        solo_events = deployment(tmp, 1, "solo", common + [f"solo-checkpoint-interval={wall}", "max-rounds=1"],
+                                 timeout=4 * wall + 300)
+        fed, fed_steady = busy_shares(fed_events, False), busy_shares(fed_events, True)
+        baseline = next(iter(busy_shares(solo_events, False).values()))
+        print(f"\n{'phase':>40} {'site':>9} {'busy share':>10} {'vs solo':>8}")
+        print(f"{f'1 site alone, one {wall} s window (baseline)':>40} {'client_0':>9} {baseline:>10.3f} {1.0:>8.2f}")
+        for site, share in fed.items():
+            print(f"{f'{args.sites} sites, {args.rounds} x {args.round_seconds} s rounds':>40} {site:>9} "
+                  f"{share:>10.3f} {share / baseline:>8.2f}")
+        for site, share in fed_steady.items():
+            print(f"{'  the same without round 1 (start-up)':>40} {site:>9} {share:>10.3f} {share / baseline:>8.2f}")
+        stops = {e["round"]: float(e["wall_ts"]) for e in fed_events if e["kind"] == "round-stop"}
+        gaps = [float(e["wall_ts"]) - stops[e["round"]] for e in fed_events if e["kind"] == "round-end"
+                and e["round"] in stops]
+        print(f"\nseconds from a round's stop signal to its aggregated checkpoint: {', '.join(f'{g:.1f}' for g in gaps)}")
+    if not args.skip_d20:
+        print("\nd20-sized synchronisation over the weights data plane (bench/blob_sync.py):", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "bench" / "blob_sync.py")], check=True)
+
+
+if __name__ == "__main__":
+    main()
