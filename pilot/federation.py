@@ -350,8 +350,10 @@ class Federation:
                 continue
             weights[site], tokens[site] = blob.tensors, result.tokens
         if weights:
-            if len(weights) == 1 and self.outer.kind == "none":
-                (local,) = weights.values()  # one site: its weights are the new global model, exactly
+            if len(weights) == 1:
+                # one site (the solo regime, or the only one left): plain training, no outer step; its
+                # weights are the new global model, exactly, so it needs to fetch nothing next round
+                (local,) = weights.values()
                 new_weights = {k: v.clone() for k, v in local.items()}
             else:
                 deltas = {s: {k: self.state.weights[k].float() - w[k].float() for k in w} for s, w in weights.items()}

@@ -50,6 +50,7 @@ def test_a_killed_server_is_resumed_from_its_checkpoint(tmp_path, text_shards, t
     env[protocol.ORPHAN_TIMEOUT_ENV] = "60"
     common = [f'run-id="{run_id}"', f'run-dir="{run_dir}"', f'data-dir="{text_shards}"',
               f'tokenizer-dir="{tiny_tokenizer}"', 'curtailment="always"', "round-duration=4", "depth=2",
+              'outer-optimizer="nesterov"', "outer-lr=0.7",
               "max-seq-len=128", "device-batch-size=4", "total-batch-size=1024", "eval-tokens=1024"]
     r = connect(run_dir=run_dir)
     events_key = protocol.server_events_key(run_id)
@@ -68,6 +69,7 @@ def test_a_killed_server_is_resumed_from_its_checkpoint(tmp_path, text_shards, t
         pids_before = json.loads(events("round-end")[-1]["trainers"])
         checkpoint = global_state.load(global_state.latest(run_dir))
         assert checkpoint.round >= 2 and checkpoint.tokens > 0
+        assert checkpoint.outer_state, "the outer optimizer's momentum is part of the global state"
 
         second = start_run(env, " ".join(common + [f"token-budget={checkpoint.tokens + 6 * 1024}"]))
         output, _ = second.communicate(timeout=180)
@@ -96,5 +98,6 @@ def test_a_killed_server_is_resumed_from_its_checkpoint(tmp_path, text_shards, t
     assert all(pids_after[s][1] > pids_before[s][1] for s in pids_after), "step counters go on"
     final = global_state.load(global_state.latest(run_dir))
     assert final.tokens >= checkpoint.tokens + 6 * 1024 and final.round > checkpoint.round
+    assert set(final.outer_state) == set(checkpoint.outer_state)
     release(r, run_dir)
     os.environ.pop(protocol.ORPHAN_TIMEOUT_ENV, None)
