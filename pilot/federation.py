@@ -257,6 +257,13 @@ class Federation:
         for site in sorted(members):
             assignment = self.ledger.assign(site, world_size=cfg["site-nproc"])
             if not assignment.shards:
+                # no free shard left: take over the unfinished shards of sites that are not training now
+                # (from their committed cursors), rather than leave a curtailed site idle
+                released = [s for other in sorted(self.seen_sites - members) for s in self.ledger.release(other)]
+                if released:
+                    self.emit("shards-released", shards=",".join(released), to=site)
+                    assignment = self.ledger.assign(site, world_size=cfg["site-nproc"])
+            if not assignment.shards:
                 continue
             assignments[site] = assignment
             request = RoundRequest(round=number, server_id=self.server_id, weights_digest=digest, blob_url=self.blob_url,
@@ -267,7 +274,8 @@ class Federation:
                                    "site-device": cfg["site-device"]})
             messages[site] = Message(RecordDict({ROUND_KEY: record}), dst_node_id=self.sites[site],
                                      message_type=MessageType.TRAIN)
-        if not messages:
+        if not messages:  # nothing for these sites to train now: wait for the energy picture to change
+            self.wait_for_energy_news(block_ms=1000)
             return
         duration = cfg["round-duration"] if len(messages) > 1 else cfg["solo-checkpoint-interval"]
         current = regimes.Round(number, frozenset(messages), started_at=self.sim_now(), duration=duration)
@@ -298,7 +306,8 @@ class Federation:
             if stop_sent is None:
                 self.discover()
                 now = self.sim_now()
-                training_now = regimes.members(self.curtailed(), set(self.sites))
+                # a curtailed site that got no data this round (none left for it) is not a newcomer
+                training_now = regimes.members(self.curtailed(), set(self.sites)) - (members - set(messages))
                 reason = regimes.end_reason(current, now, training_now)
                 if reason is None and current.regime == regimes.SOLO and now >= current.started_at + duration:
                     reason = "solo checkpoint interval"
@@ -337,6 +346,8 @@ class Federation:
                 self.emit("site-failed", round=number, site=site, reason=result.reason,
                           reissued=",".join(released) or "-")
                 continue
+            if result.exhausted:  # its shards are trained to the end (a rejected update's rows are not redone)
+                self.ledger.finish(assignments[site].shards)
             if result.steps == 0:
                 continue
             blob = self.store.get(result.weights_digest)
@@ -361,9 +372,7 @@ class Federation:
             self.state.weights = new_weights
         for site in weights:
             result, assignment = results[site], assignments[site]
-            if result.exhausted:
-                self.ledger.finish(assignment.shards)
-            elif result.cursors:
+            if not result.exhausted and result.cursors:
                 self.ledger.commit(site, assignment.shards, result.cursors, result.world_size)
         trained = sum(tokens.values())
         self.state.round = number

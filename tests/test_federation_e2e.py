@@ -92,3 +92,43 @@ def test_scripted_curtailment_passes_through_every_regime(tmp_path, text_shards,
     assert len(bpbs) >= 3 and bpbs[-1] < bpbs[0], bpbs
     assert (run_dir / "final_model.safetensors").exists()
     assert (run_dir / "global" / "LATEST").exists()
+
+
+def test_the_run_ends_when_its_data_runs_out(tmp_path, text_shards, tiny_tokenizer):
+    """A small corpus: every shard is trained to its end, once, and the run finishes with "data exhausted"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.test_flower_connections import flwr_env_for, stop_local_superlink
+
+    data = tmp_path / "data"
+    data.mkdir()
+    source = sorted(text_shards.glob("shard_*.parquet"))
+    for i in range(5):  # 4 small training shards + validation, real text
+        texts = pq.read_table(source[i], columns=["text"]).column("text").to_pylist()[:6]
+        pq.write_table(pa.table({"text": [t[:3000] for t in texts]}), data / f"shard_{i:05d}.parquet")
+    run_dir, run_id = tmp_path / "run", "data-end"
+    flwr_home, env = flwr_env_for(tmp_path)
+    run_config = " ".join([
+        f'run-id="{run_id}"', f'run-dir="{run_dir}"', f'data-dir="{data}"', f'tokenizer-dir="{tiny_tokenizer}"',
+        'curtailment="always"', "round-duration=5", "token-budget=100000000", "depth=2", "max-seq-len=128",
+        "device-batch-size=4", "total-batch-size=1024", "eval-tokens=1024"])
+    try:
+        result = subprocess.run([str(VENV_BIN / "flwr"), "run", ".", "local-simulation", "--stream",
+                                 "--run-config", run_config], capture_output=True, text=True, env=env,
+                                cwd=PROJECT_ROOT, timeout=240)
+    finally:
+        stop_local_superlink(flwr_home)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "finished outcome=data exhausted" in output, output
+    r = connect(run_dir=run_dir)
+    from pilot.ledger import Ledger
+    records = Ledger(r, run_id).records()
+    starts = [f for _, f in r.xrange(protocol.server_events_key(run_id)) if f["kind"] == "round-start"]
+    release(r, run_dir)
+    assert sorted(records) == [f"shard_{i:05d}.parquet" for i in range(4)] and all(x.done for x in records.values())
+    for start in starts:  # never one shard at two sites in a round
+        held = [s for shards in json.loads(start["shards"]).values() for s in shards]
+        assert len(held) == len(set(held))
+    assert (run_dir / "final_model.safetensors").exists()
