@@ -28,7 +28,7 @@ MODEL_FILE, OPTIM_FILE, META_FILE = "model.safetensors", "optim.safetensors", "m
 FORMAT = "pilot-nanochat-checkpoint/1"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -80,14 +80,14 @@ def save_checkpoint(checkpoint_dir: Path | str, step: int, model_state: dict[str
         (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, "step": step, **meta}, indent=1) + "\n")
         for name in (MODEL_FILE, OPTIM_FILE, META_FILE):
             _fsync_file(tmp / name)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. stopped right after a resume): swap it
             old = _hide(final)
             os.rename(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync_dir(checkpoint_dir)
+        fsync_dir(checkpoint_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -143,7 +143,7 @@ def save_model(path: Path | str, model_state: dict[str, torch.Tensor], model_con
         os.chmod(tmp, 0o666 & ~_umask())
         _fsync_file(Path(tmp))
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

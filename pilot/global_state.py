@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from nanochat.checkpoint import fsync_dir
 from pilot.blobs import load_tensors, save_file
 
 KEEP_CHECKPOINTS = 2  # older complete checkpoints are deleted once a newer one is LATEST
@@ -35,14 +36,6 @@ class GlobalState:
     tokens: int = 0
     outer_state: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict = field(default_factory=dict)   # JSON: ledger snapshot, model config, outer settings, ...
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save(run_dir: str | os.PathLike[str], state: GlobalState, keep: int = KEEP_CHECKPOINTS) -> Path:
@@ -61,7 +54,7 @@ def save(run_dir: str | os.PathLike[str], state: GlobalState, keep: int = KEEP_C
         (tmp / "state.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
         with open(tmp / "state.json", "rb") as f:
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         final, k = root / name, 0
         while final.exists():  # the same round saved again (e.g. after a resume): never overwrite LATEST
             k += 1
@@ -74,7 +67,7 @@ def save(run_dir: str | os.PathLike[str], state: GlobalState, keep: int = KEEP_C
     latest_tmp = root / f".LATEST-{uuid.uuid4().hex[:8]}"
     latest_tmp.write_text(name + "\n")
     os.replace(latest_tmp, root / "LATEST")
-    _fsync_dir(root)
+    fsync_dir(root)
     # prune older checkpoints (by time written), never the one LATEST names
     older = sorted((p for p in root.glob("round_*") if p.name != name), key=lambda p: p.stat().st_mtime)
     for old in older[: max(0, len(older) - (keep - 1))]:
