@@ -30,6 +30,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from nanochat.checkpoint import save_model
+from nanochat.common import get_base_dir
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import list_parquet_files
 from nanochat.gpt import build_model
@@ -78,7 +79,7 @@ class Federation:
     # -------------------------------------------------------------- setup
     def _setup_training(self) -> None:
         cfg = self.cfg
-        base = Path(os.environ.get("NANOCHAT_BASE_DIR") or Path.home() / ".cache" / "nanochat")
+        base = get_base_dir()
         self.data_dir = Path(cfg["data-dir"] or base / "base_data").resolve()
         self.tokenizer_dir = Path(cfg["tokenizer-dir"] or base / "tokenizer").resolve()
         files = list_parquet_files(self.data_dir)
@@ -105,6 +106,7 @@ class Federation:
         self.outer = OuterOptimizer(cfg["outer-optimizer"], lr=cfg["outer-lr"], momentum=cfg["outer-momentum"])
         self.ledger = Ledger(self.r, self.run_id)
         path = global_state.latest(self.run_dir)
+        self.r.delete(self.ledger.key)  # the checkpoint is the truth; without one, nothing was trained yet
         if path is None:
             model = build_model(self.plan.model_config, device="cpu", seed=self.train_config.seed)
             weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -114,8 +116,7 @@ class Federation:
         else:
             self.state = global_state.load(path)
             self.outer.state = self.state.outer_state
-            # the checkpoint is the truth: Redis may be ahead (a round that was never checkpointed) or empty
-            self.r.delete(self.ledger.key)
+            # Redis may have been ahead (a round that was never checkpointed) or empty: restore the snapshot
             records = self.state.info.get("ledger", {})
             if records:
                 self.r.hset(self.ledger.key, mapping={k: json.dumps(v, sort_keys=True) for k, v in records.items()})
