@@ -104,7 +104,7 @@ def train(msg: Message, context: Context) -> Message:
     # a SuperNode at another site reaches Redis by its own address: its node config wins
     redis_url = str(context.node_config.get("redis-url") or config["redis-url"])
     request = RoundRequest.from_json(str(config["request"]))
-    r = coordination.connect(redis_url)
+    r = coordination.connect(redis_url, wait=True)  # the run is going: ride out a Redis restart
     launched_at = ensure_trainer(r, site, run_id, run_dir, redis_url, int(config["site-nproc"]),
                                  str(config["site-device"]))
     last = r.xrevrange(protocol.outbox_key(run_id, site), count=1)

@@ -97,14 +97,20 @@ def _check_url(url: str) -> None:
             f"rediss://... for TLS, or unix:///PATH.sock.")
 
 
-def client_from_url(url: str, *, client_name: str | None = None, decode_responses: bool = True) -> redis.Redis:
-    """A client for `url`, checked with PING so that a bad URL fails here and not deep inside a run."""
+def client_from_url(url: str, *, client_name: str | None = None, decode_responses: bool = True,
+                    wait: bool = False) -> redis.Redis:
+    """A client for `url`, checked with PING so that a bad URL fails here and not deep inside a run.
+
+    wait: a server that does not answer is waited for (OUTAGE_RETRIES) instead of failing at once: for
+    processes that join a run already going, during which Redis may be restarting. A refused password
+    fails at once either way.
+    """
     _check_url(url)
     name = client_name or f"{CLIENT_NAME_PREFIX}{os.getpid()}"
     options = dict(decode_responses=decode_responses, client_name=name, socket_connect_timeout=CONNECT_TIMEOUT_S,
                    health_check_interval=30)
     try:
-        probe = redis.Redis.from_url(url, **options, retry=Retry(OUTAGE_BACKOFF, 0))
+        probe = redis.Redis.from_url(url, **options, retry=Retry(OUTAGE_BACKOFF, OUTAGE_RETRIES if wait else 0))
         probe.ping()
         probe.close()
     except (redis.RedisError, OSError, ValueError) as error:
@@ -311,14 +317,14 @@ def default_run_dir(run_id: str = "default") -> Path:
 
 
 def connect(url: str | None = None, *, run_dir: str | os.PathLike[str] | None = None,
-            decode_responses: bool = True) -> redis.Redis:
+            decode_responses: bool = True, wait: bool = False) -> redis.Redis:
     """A checked Redis client: `url`, else $PILOT_REDIS_URL, else this run's embedded server.
 
     A process that joins the embedded server should call `release(client, run_dir)` when done (or use
     `embedded_redis`), so that the last one out stops it; one that crashes is not counted anymore.
     """
     url = url or os.environ.get(REDIS_URL_ENV) or EmbeddedRedis(run_dir or default_run_dir()).ensure()
-    return client_from_url(url, decode_responses=decode_responses)
+    return client_from_url(url, decode_responses=decode_responses, wait=wait)
 
 
 def release(client: redis.Redis, run_dir: str | os.PathLike[str] | None = None) -> bool:

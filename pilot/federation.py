@@ -26,6 +26,7 @@ from pathlib import Path
 
 import redis
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -293,8 +294,9 @@ class Federation:
                     continue
                 if reply.has_error():
                     results[site] = RoundResult(round=number, site=site, status="error", server_id=self.server_id,
-                                                reason=f"node error: {reply.error.reason}")
-                    self.node_failed(site)
+                                                reason=f"node error: {reply.error.reason[:300]}")
+                    if reply.error.code == ErrorCode.NODE_UNAVAILABLE:  # the SuperNode is gone (an app
+                        self.node_failed(site)                        # error leaves the node in service)
                 else:
                     results[site] = RoundResult.from_json(str(reply.content[RESULT_KEY]["result"]))
             # a result also lands in the site's outbox: it counts even if the site's SuperNode died on the way
@@ -330,6 +332,8 @@ class Federation:
             self.wait_for_energy_news(block_ms=int(POLL_S * 1000))
         self.r.set(protocol.stop_key(self.run_id, number), stop_reason or "round over", ex=24 * 3600)
         self.aggregate(number, current, results, assignments, stop_reason)
+        if not any(r.status == "ok" for r in results.values()):
+            self.wait_for_energy_news(block_ms=2000)  # every site failed: do not hammer them in a tight loop
 
     def result_in_outbox(self, site: str, number: int) -> RoundResult | None:
         for _, fields in self.r.xrevrange(protocol.outbox_key(self.run_id, site), count=3):

@@ -257,7 +257,7 @@ def serve(args: argparse.Namespace) -> int:
     if os.environ.get("PILOT_SITE_THREADS"):  # several sites sharing one small machine (tests, demos)
         torch.set_num_threads(int(os.environ["PILOT_SITE_THREADS"]))
     torch.manual_seed(0)
-    client = coordination.connect(args.redis_url or None, run_dir=args.run_dir) if info.rank == 0 else None
+    client = coordination.connect(args.redis_url or None, run_dir=args.run_dir, wait=True) if info.rank == 0 else None
     heartbeat = Heartbeat(client, args.run_id, args.site) if client is not None else None
     spec = broadcast_json(wait_for_train_config(client, args.run_id) if client is not None else None, info)
     site = SiteTrainer(args.site, args.run_id, client, info, spec)
