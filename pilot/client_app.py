@@ -32,9 +32,20 @@ app = ClientApp()
 
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
-    """Tell the ServerApp which site this node serves."""
-    record = ConfigRecord({"name": site_name(context.node_config)})
-    return Message(RecordDict({IDENTIFY: record}), reply_to=msg)
+    """Tell the ServerApp which site this node serves, and warm up the site's trainer: it loads its model
+    and data now, so that the site's first curtailment window is spent training, not starting up."""
+    site = site_name(context.node_config)
+    run = msg.content[IDENTIFY]
+    if "run-id" in run:
+        r = coordination.connect(redis_url(run, context), wait=True)
+        ensure_trainer(r, site, run, context)
+        r.close()
+    return Message(RecordDict({IDENTIFY: ConfigRecord({"name": site})}), reply_to=msg)
+
+
+def redis_url(run: ConfigRecord, context: Context) -> str:
+    """A SuperNode at another site reaches Redis by its own address: its node config wins."""
+    return str(context.node_config.get("redis-url") or run["redis-url"])
 
 
 def trainer_command(site: str, run_id: str, run_dir: str, nproc: int, device: str) -> list[str]:
@@ -46,9 +57,9 @@ def trainer_command(site: str, run_id: str, run_dir: str, nproc: int, device: st
     return [sys.executable, *module]
 
 
-def ensure_trainer(r: redis.Redis, site: str, run_id: str, run_dir: str, redis_url: str, nproc: int,
-                   device: str) -> float | None:
+def ensure_trainer(r: redis.Redis, site: str, run: ConfigRecord, context: Context) -> float | None:
     """Start the site's trainer unless a live one exists; returns the launch time, or None if it was alive."""
+    run_id, run_dir = str(run["run-id"]), str(run["run-dir"])
     if r.exists(protocol.alive_key(run_id, site)):
         return None
     if not r.set(coordination.key(run_id, "site", site, "launch"), str(os.getpid()), nx=True, ex=LAUNCH_LOCK_S):
@@ -58,9 +69,10 @@ def ensure_trainer(r: redis.Redis, site: str, run_id: str, run_dir: str, redis_u
     # Started through a launcher that exits at once, so the trainer is nobody's child: a process manager
     # that kills the children of a ClientApp process when it ends (Ray's workers do) cannot take it along.
     launcher = subprocess.run(
-        [sys.executable, "-c", LAUNCHER, json.dumps(trainer_command(site, run_id, run_dir, nproc, device)),
+        [sys.executable, "-c", LAUNCHER,
+         json.dumps(trainer_command(site, run_id, run_dir, int(run["site-nproc"]), str(run["site-device"]))),
          str(log_dir / "trainer.log")],
-        env={**os.environ, "PYTHONUNBUFFERED": "1", coordination.REDIS_URL_ENV: redis_url}, timeout=60,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", coordination.REDIS_URL_ENV: redis_url(run, context)}, timeout=60,
         stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if launcher.returncode != 0:
         raise RuntimeError(f"could not start the trainer of {site}: {launcher.stderr.strip()}")
@@ -100,13 +112,10 @@ def train(msg: Message, context: Context) -> Message:
     """Run one round at this site's trainer and return its result."""
     site = site_name(context.node_config)
     config = msg.content[ROUND_KEY]
-    run_id, run_dir = str(config["run-id"]), str(config["run-dir"])
-    # a SuperNode at another site reaches Redis by its own address: its node config wins
-    redis_url = str(context.node_config.get("redis-url") or config["redis-url"])
+    run_id = str(config["run-id"])
     request = RoundRequest.from_json(str(config["request"]))
-    r = coordination.connect(redis_url, wait=True)  # the run is going: ride out a Redis restart
-    launched_at = ensure_trainer(r, site, run_id, run_dir, redis_url, int(config["site-nproc"]),
-                                 str(config["site-device"]))
+    r = coordination.connect(redis_url(config, context), wait=True)  # the run is going: ride out a Redis restart
+    launched_at = ensure_trainer(r, site, config, context)
     last = r.xrevrange(protocol.outbox_key(run_id, site), count=1)
     after_id = last[0][0] if last else "0-0"
     # MAXLEN 1: a trainer that (re)starts finds only the newest request, never a stale one

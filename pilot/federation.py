@@ -166,7 +166,7 @@ class Federation:
         self.node_names = {n: v for n, v in self.node_names.items() if n in node_ids}
         new = node_ids - set(self.node_names)
         if new:
-            queries = [Message(RecordDict({IDENTIFY: ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
+            queries = [Message(RecordDict({IDENTIFY: self.site_record()}), dst_node_id=n, message_type=MessageType.QUERY)
                        for n in new]
             answered = set()
             for reply in self.grid.send_and_receive(queries, timeout=min(self.cfg["handshake-timeout"], 30)):
@@ -184,6 +184,11 @@ class Federation:
             self.emit("sites", connected=",".join(sorted(sites)) or "-")
         self.sites = sites
         self.seen_sites |= set(sites)
+
+    def site_record(self) -> ConfigRecord:
+        """What a site needs to start its trainer: the run, its directory and Redis, processes, device."""
+        return ConfigRecord({"run-id": self.run_id, "run-dir": str(self.run_dir), "redis-url": self.redis_url,
+                             "site-nproc": self.cfg["site-nproc"], "site-device": self.cfg["site-device"]})
 
     def node_failed(self, site: str) -> None:
         """The site's node did not answer: forget it until a node of that site identifies itself again."""
@@ -271,9 +276,8 @@ class Federation:
             request = RoundRequest(round=number, server_id=self.server_id, weights_digest=digest, blob_url=self.blob_url,
                                    blob_token=self.blob_token, shards=assignment.shards, cursors=assignment.cursors,
                                    schedule_step=schedule_step, max_steps=max_steps)
-            record = ConfigRecord({"request": request.to_json(), "run-id": self.run_id, "run-dir": str(self.run_dir),
-                                   "redis-url": self.redis_url, "site-nproc": cfg["site-nproc"],
-                                   "site-device": cfg["site-device"]})
+            record = self.site_record()
+            record["request"] = request.to_json()
             messages[site] = Message(RecordDict({ROUND_KEY: record}), dst_node_id=self.sites[site],
                                      message_type=MessageType.TRAIN)
         if not messages:  # nothing for these sites to train now: wait for the energy picture to change
