@@ -84,13 +84,7 @@ def read_moer_csv(path: str | Path, regions: set[str] | None = None) -> dict[str
         else:
             samples = _read_wide(path, header, reader)
     if regions is not None:
-        for region in samples:
-            if region not in regions:
-                raise TraceError(f"{path}, row 1, column {region!r}: unknown region; the sites use "
-                                 f"{sorted(regions)}")
-        missing = sorted(set(regions) - set(samples))
-        if missing:
-            raise TraceError(f"{path}: no data for region(s) {missing}; the file has {sorted(samples)}")
+        _check_regions(dict.fromkeys(samples, str(path)), regions, str(path))
     out = {}
     for region, (times, values) in samples.items():
         if not times:
@@ -159,14 +153,20 @@ def read_moer_files(paths: list[str | Path], regions: set[str] | None = None) ->
                 raise TraceError(f"{path}: region {region!r} is also in {merged[region].attrs['source']}")
             merged[region] = series
     if regions is not None:
-        for region, series in merged.items():
-            if region not in regions:
-                raise TraceError(f"{series.attrs['source']}, row 1, column {region!r}: unknown region; "
-                                 f"the sites use {sorted(regions)}")
-        missing = sorted(set(regions) - set(merged))
-        if missing:
-            raise TraceError(f"no trace file has region(s) {missing}; the files have {sorted(merged)}")
+        _check_regions({r: s.attrs["source"] for r, s in merged.items()}, regions, ", ".join(map(str, paths)))
     return merged
+
+
+def _check_regions(sources: dict[str, str], regions: set[str], where: str) -> None:
+    """Every region of the trace(s) belongs to a site, and every site's region has data.
+
+    sources: region -> the file it came from (named in the error)."""
+    for region, source in sources.items():
+        if region not in regions:
+            raise TraceError(f"{source}, row 1, column {region!r}: unknown region; the sites use {sorted(regions)}")
+    missing = sorted(set(regions) - set(sources))
+    if missing:
+        raise TraceError(f"{where}: no data for region(s) {missing}; the trace has {sorted(sources)}")
 
 
 def sample_period_s(series: pd.Series) -> float:
