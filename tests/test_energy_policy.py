@@ -75,14 +75,18 @@ point_time,value
     assert span == (ts(60), ts(75))
 
 
-def test_wide_and_long_files_give_the_same_windows(tmp_path):
-    wide = write(tmp_path, "wide.csv", """
+# a 20-minute wide trace of two regions, shared by the format and the `pilot plan` tests
+TWO_REGIONS = """
 timestamp,CAISO_NORTH,SPP_TX
 2025-03-01T00:00:00Z,120,50
 2025-03-01T00:05:00Z,90,50
 2025-03-01T00:10:00Z,80,150
 2025-03-01T00:15:00Z,130,20
-""")
+"""
+
+
+def test_wide_and_long_files_give_the_same_windows(tmp_path):
+    wide = write(tmp_path, "wide.csv", TWO_REGIONS)
     long_caiso = write(tmp_path, "CAISO_NORTH_co2_moer_2025-03-01_2025-03-01.csv", """
 point_time,value
 2025-03-01T00:00:00Z,120
@@ -186,13 +190,7 @@ def test_a_region_the_sites_need_but_the_file_lacks(tmp_path):
 
 # ------------------------------------------------------------------ pilot plan
 def test_pilot_plan_json(tmp_path, capsys):
-    path = write(tmp_path, "moer.csv", """
-timestamp,CAISO_NORTH,SPP_TX
-2025-03-01T00:00:00Z,120,50
-2025-03-01T00:05:00Z,90,50
-2025-03-01T00:10:00Z,80,150
-2025-03-01T00:15:00Z,130,20
-""")
+    path = write(tmp_path, "moer.csv", TWO_REGIONS)
     code = cli.main(["plan", "--trace", str(path), "--threshold", "100",
                      "--sites", "client_0=CAISO_NORTH,client_1=SPP_TX", "--json"])
     assert code == 0
