@@ -75,6 +75,7 @@ class Federation:
                                       token=self.blob_token).start()
         self.blob_url = cfg["blob-url"] or self.blob_server.url
         self.regime = ""
+        self.eval_model = None
         self._take_over()
 
     # -------------------------------------------------------------- setup
@@ -407,9 +408,10 @@ class Federation:
         tokens = self.cfg["eval-tokens"]
         if tokens <= 0:
             return None
-        model = build_model(self.plan.model_config, device="cpu", seed=0)
+        if self.eval_model is None:  # built once: a d20 model takes seconds to build
+            self.eval_model = build_model(self.plan.model_config, device="cpu", seed=0).eval()
+        model = self.eval_model
         model.load_state_dict(self.state.weights)
-        model.eval()
         B, T = self.train_config.device_batch_size, self.train_config.max_seq_len
         loader = DataLoader(self.tokenizer, B, T, split="val", files=[self.val_shard])
         try:
