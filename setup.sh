@@ -8,6 +8,23 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 
+# System packages (system-packages.txt): installed when missing and this is root with apt-get (CI, containers);
+# otherwise named, so a user knows what the tests that need them want.
+missing=()
+command -v dpkg >/dev/null || echo "setup: not Debian: make sure chromium and redis-server (with TLS) are installed"
+command -v dpkg >/dev/null && for pkg in $(sed -e 's/#.*//' system-packages.txt); do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing ${missing[*]} (system-packages.txt)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null; }
+  else
+    echo "setup: please install these system packages (Debian names): ${missing[*]}"
+  fi
+fi
+
 "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade "pip>=24"
 .venv/bin/python -m pip install --quiet -r requirements.lock
