@@ -344,12 +344,21 @@ def energy_and_emissions(logs: RunLogs, sites: Sequence[str], windows: dict[str,
         lo = live[0][0]
         hi = live[-1][1] + (live[-1][1] - lo) * sum(gpus) / min(gpus) + 86400.0
         moer = {region: clip_trace(series, lo, hi) for region, series in moer.items()}
+    # energy inside windows by a sweep here (accounting's per-interval window scan is quadratic in steps)
     try:
-        acc = accounting.account(schedule, configured, moer, win)
+        acc = accounting.account(schedule, configured, moer)
     except ValueError as error:   # a trace that does not cover the run: energy without MOER emissions
         notes.append(f"MOER emissions not available: {error}")
         moer = {}
-        acc = accounting.account(schedule, configured, {}, win)
+        acc = accounting.account(schedule, configured, {})
+    for name, row in acc["sites"].items():
+        train, idle = training.get(name, []), [(iv.start, iv.end) for iv in schedule[name] if iv.mode == "idle"]
+        row["in_windows_kwh"] = (configured[name].train_kw * length(intersect(train, win[name]))
+                                 + configured[name].idle_kw * length(intersect(idle, win[name]))) / 3600.0
+        row["share_in_windows"] = row["in_windows_kwh"] / row["energy_kwh"] if row["energy_kwh"] else None
+    acc["total"]["in_windows_kwh"] = sum(row["in_windows_kwh"] for row in acc["sites"].values())
+    acc["total"]["share_in_windows"] = (acc["total"]["in_windows_kwh"] / acc["total"]["energy_kwh"]
+                                        if acc["total"]["energy_kwh"] else None)
     energy: dict[str, Any] = {"sites": {}, "total": {}}
     keys = ("train_kwh", "idle_kwh", "energy_kwh", "in_windows_kwh", "outside_windows_kwh", "share_in_windows")
     for name, row in acc["sites"].items():

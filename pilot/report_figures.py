@@ -7,8 +7,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 DPI = 100
 REGIME_COLORS = {"paused": "#d9d9d9", "solo": "#f6d08b", "federated": "#a9d6a0"}
 WINDOW_COLOR = "#bfe3f5"
@@ -26,8 +24,20 @@ def _plt():
     return plt
 
 
-def _utc(seconds: Sequence[float] | float):
-    return pd.to_datetime(seconds, unit="s", utc=True)
+def _days(seconds: float) -> float:
+    """Matplotlib's date number (days since its 1970 epoch) of epoch seconds: no per-bar pandas conversion."""
+    return seconds / 86400.0
+
+
+def _coarse(intervals: Sequence[tuple[float, float]], gap: float) -> list[tuple[float, float]]:
+    """Intervals closer than `gap` drawn as one (tens of thousands of steps are less than a pixel each)."""
+    out: list[tuple[float, float]] = []
+    for s, e in intervals:
+        if out and s - out[-1][1] < gap:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
 
 
 def timeline(path: Path, sites: Sequence[str], windows: Mapping[str, Sequence[tuple[float, float]]],
@@ -36,32 +46,46 @@ def timeline(path: Path, sites: Sequence[str], windows: Mapping[str, Sequence[tu
     """Per site: its curtailment windows (light band) and the moments it trained (dark band); the regime
     of the whole federation shaded behind, on the simulated clock."""
     plt = _plt()
+    import matplotlib.dates as mdates  # noqa: PLC0415
+
     fig, ax = plt.subplots(figsize=(12, 1.2 + 0.8 * (len(sites) + 1)))
-    for start, end, regime in regimes:
-        ax.axvspan(_utc(start), _utc(end), color=REGIME_COLORS.get(regime, "#eeeeee"), alpha=0.55, lw=0)
+    pixel = (span[1] - span[0]) / 2000.0
+    for start, end, regime in _coarse_regimes(regimes, pixel):
+        ax.axvspan(_days(start), _days(end), color=REGIME_COLORS.get(regime, "#eeeeee"), alpha=0.55, lw=0)
     rows = list(sites)
     for i, site in enumerate(rows):
         y = len(rows) - i
-        bars = [(_utc(s), pd.Timedelta(seconds=e - s)) for s, e in windows.get(site, [])]
+        bars = [(_days(s), _days(e - s)) for s, e in _coarse(windows.get(site, []), pixel)]
         if bars:
             ax.broken_barh(bars, (y - 0.35, 0.7), facecolors=WINDOW_COLOR, edgecolors="#5aa9d6", lw=0.5)
-        bars = [(_utc(s), pd.Timedelta(seconds=e - s)) for s, e in training.get(site, [])]
+        bars = [(_days(s), _days(e - s)) for s, e in _coarse(training.get(site, []), pixel)]
         if bars:
             ax.broken_barh(bars, (y - 0.2, 0.4), facecolors=TRAIN_COLOR, lw=0)
     ax.set_yticks(range(len(rows), 0, -1), rows)
     ax.set_ylim(0.3, len(rows) + 0.7)
-    ax.set_xlim(_utc(span[0]), _utc(span[1]))
+    ax.xaxis_date(tz="UTC")
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(ax.xaxis.get_major_locator()))
+    ax.set_xlim(_days(span[0]), _days(span[1]))
     handles = [plt.Rectangle((0, 0), 1, 1, color=WINDOW_COLOR, label="curtailment window"),
                plt.Rectangle((0, 0), 1, 1, color=TRAIN_COLOR, label="training")]
     handles += [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.55, label=f"regime: {r}") for r, c in REGIME_COLORS.items()]
     ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=5, fontsize=8, frameon=False)
     ax.set_xlabel("simulated time (UTC)")
     ax.grid(axis="x", alpha=0.3)
-    fig.autofmt_xdate()
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
+
+
+def _coarse_regimes(regimes: Sequence[tuple[float, float, str]], gap: float) -> list[tuple[float, float, str]]:
+    out: list[tuple[float, float, str]] = []
+    for s, e, r in regimes:
+        if out and out[-1][2] == r and s - out[-1][1] < gap:
+            out[-1] = (out[-1][0], max(out[-1][1], e), r)
+        else:
+            out.append((s, e, r))
+    return out
 
 
 def learning_curves(path: Path, series: Mapping[str, Any]) -> Path:

@@ -97,6 +97,25 @@ def read_jsonl(path: Path, required: tuple[str, ...] | dict[str, tuple[str, ...]
     return records
 
 
+def drop_repeated_steps(steps: list[dict[str, Any]], warnings: list[str], label: str) -> list[dict[str, Any]]:
+    """A step delivered twice (the server crashed between writing it and moving its cursor) is the same
+    record again: same site, step and wall_ts. A step number seen again at another time is work redone
+    (a trainer that restarted from a checkpoint) and stays."""
+    seen: set[tuple[Any, Any, Any]] = set()
+    out, repeated = [], []
+    for record in steps:
+        key = (record["site"], record.get("step"), record["wall_ts"])
+        if key in seen:
+            repeated.append(record["_line"])
+            continue
+        seen.add(key)
+        out.append(record)
+    if repeated:
+        warnings.append(f"{label}: {len(repeated)} repeated step record(s) ignored (lines "
+                        f"{', '.join(map(str, repeated[:10]))}{', ...' if len(repeated) > 10 else ''})")
+    return out
+
+
 def read_run(run_dir: str | Path) -> RunLogs:
     """Every log of a run directory that exists; missing optional ones stay None."""
     run_dir = Path(run_dir)
@@ -120,6 +139,8 @@ def read_run(run_dir: str | Path) -> RunLogs:
         if not isinstance(config, dict):
             raise LogError(f"{config_path}:1: expected a JSON object")
         logs.energy_config = config
+    if logs.steps:
+        logs.steps = drop_repeated_steps(logs.steps, logs.warnings, str(run_dir / STEPS))
     if logs.events is None and logs.steps is None:
         raise LogError(f"{run_dir} has neither {EVENTS} nor {STEPS}: not a run directory with logs "
                        f"(the federated server writes them)")

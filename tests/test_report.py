@@ -365,3 +365,16 @@ def test_live_time_excludes_a_server_outage(tmp_path):
     assert summary["sites"]["a"]["train_sim_s"] == pytest.approx(300.0)
     assert summary["utilisation"]["sites"]["a"]["utilisation"] == pytest.approx(0.25)
     assert summary["run"]["regime_sim_s"]["solo"] == pytest.approx(540.0)   # until the first server's last event
+
+
+def test_a_step_delivered_twice_counts_once(tmp_path):
+    run, truth = make_run(tmp_path)
+    path = run / "logs" / "steps.jsonl"
+    lines = path.read_text().splitlines()
+    redone = json.loads(lines[3]) | {"wall_ts": json.loads(lines[-1])["wall_ts"] + 5, "sim_ts": S0 + END + 300}
+    path.write_text("\n".join(lines + [lines[3], lines[7], json.dumps(redone)]) + "\n")
+    report.build(run)
+    summary = json.loads((run / "report" / "summary.json").read_text())
+    assert summary["run"]["steps"] == len(lines) + 1      # the exact repeats dropped, the redone step kept
+    assert summary["warnings"] == [f"{path}: 2 repeated step record(s) ignored (lines {len(lines) + 1}, "
+                                   f"{len(lines) + 2})"]
