@@ -114,13 +114,17 @@ def sim_times(logs: RunLogs) -> list[float]:
 
 
 def live_spans(logs: RunLogs) -> list[Span]:
-    """Simulated spans while a server incarnation was logging: start/resume to its last event."""
+    """Simulated spans while a server incarnation was logging: from its first event (setup, or start/resume
+    without one) to its last."""
     spans: list[list[float]] = []
     current: list[float] | None = None
+    only_setup = False
     for event in logs.events or []:
-        if event["kind"] in ("start", "resume") or current is None:
+        kind = event["kind"]
+        if current is None or kind == "setup" or (kind in ("start", "resume") and not only_setup):
             current = []
             spans.append(current)
+        only_setup = kind == "setup"
         if event.get("sim_ts") is not None:
             current.append(float(event["sim_ts"]))
     out = union((min(s), max(s)) for s in spans if len(s) >= 2)

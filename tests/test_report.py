@@ -347,23 +347,24 @@ def test_interval_arithmetic_against_a_grid():
 def test_live_time_excludes_a_server_outage(tmp_path):
     """A resumed server: curtailed time while no server ran is not counted against utilisation."""
     run = tmp_path / "run"
-    ev = [{"kind": "start", "wall_ts": 0.0, "sim_ts": 0.0}, {"kind": "regime", "wall_ts": 1.0, "sim_ts": 60.0,
-                                                               "regime": "solo", "sites": ["a"]},
+    ev = [{"kind": "setup", "wall_ts": 0.0, "sim_ts": 0.0}, {"kind": "start", "wall_ts": 0.1, "sim_ts": 6.0},
+          {"kind": "regime", "wall_ts": 1.0, "sim_ts": 60.0, "regime": "solo", "sites": ["a"]},
           {"kind": "round-end", "wall_ts": 10.0, "sim_ts": 600.0, "round": 1, "total_tokens": 10, "val_bpb": None},
-          {"kind": "resume", "wall_ts": 30.0, "sim_ts": 1800.0}, {"kind": "finished", "wall_ts": 40.0,
-                                                                  "sim_ts": 2400.0, "outcome": "stopped"}]
+          {"kind": "setup", "wall_ts": 29.0, "sim_ts": 1740.0}, {"kind": "resume", "wall_ts": 30.0, "sim_ts": 1800.0},
+          {"kind": "finished", "wall_ts": 40.0, "sim_ts": 2400.0, "outcome": "stopped"}]
     write_jsonl(run / "logs" / "events.jsonl", ev)
     write_jsonl(run / "logs" / "steps.jsonl", [{"site": "a", "loss": 5.0, "tokens": 10, "seconds": 5.0,
                                                 "wall_ts": 6.0, "sim_ts": 360.0}])
     write_jsonl(run / "logs" / "energy.jsonl", [{"site": "a", "curtailed": 1, "sim_ts": 0.0, "value": 1.0}])
     report.build(run)
     summary = json.loads((run / "report" / "summary.json").read_text())
-    assert summary["run"]["incarnations"] == 2 and summary["run"]["live_sim_s"] == pytest.approx(1200.0)
+    # live: 0-600 s (setup to the first server's last event) and 1740-2400 s (the second's setup to its end)
+    assert summary["run"]["incarnations"] == 2 and summary["run"]["live_sim_s"] == pytest.approx(1260.0)
     assert summary["sites"]["a"]["curtailed_s"] == pytest.approx(2400.0)
-    assert summary["sites"]["a"]["curtailed_live_s"] == pytest.approx(1200.0)
+    assert summary["sites"]["a"]["curtailed_live_s"] == pytest.approx(1260.0)
     assert summary["run"]["speedup"] == pytest.approx(60.0)   # no energy config: the server's clock readings
     assert summary["sites"]["a"]["train_sim_s"] == pytest.approx(300.0)
-    assert summary["utilisation"]["sites"]["a"]["utilisation"] == pytest.approx(0.25)
+    assert summary["utilisation"]["sites"]["a"]["utilisation"] == pytest.approx(300.0 / 1260.0)
     assert summary["run"]["regime_sim_s"]["solo"] == pytest.approx(540.0)   # until the first server's last event
 
 
