@@ -12,6 +12,11 @@ serialised copy of the model ever exists.
     with BlobServer(store, token=secret) as server:           # GET /blobs/<sha256>, POST /blobs, bearer token
         blob = fetch_blob(server.url, digest, token=secret, into=staging)   # verified, straight into tensors
         update_digest = upload_blob(server.url, TensorBlob(update), token=secret)
+
+A connection lost mid-fetch is resumed with an HTTP Range request from the byte where it stopped (or read
+again from the start when the server cannot resume); the SHA-256 always covers the whole blob. A blob that
+hashes wrong is fetched once more, then refused (BlobCorrupt). TLS: give BlobServer a server SSLContext
+and the clients one that trusts its CA (ssl.create_default_context(cafile=...)).
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import os
 import re
 import ssl
 import struct
+import sys
 import threading
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
@@ -39,6 +46,8 @@ from safetensors import safe_open
 
 CHUNK = 4 << 20                   # bytes per read/write/hash step: large enough to keep syscalls cheap
 HTTP_TIMEOUT_S = 60.0             # a peer silent for this long is gone
+MAX_RESUMES = 5                   # reconnections within one fetch before it fails
+RESUME_BACKOFF_S = 0.5            # wait before the n-th reconnection in a row: (n-1) x this (a restarting server needs a moment)
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 
 # safetensors dtype names (https://github.com/huggingface/safetensors, format spec)
@@ -49,6 +58,10 @@ _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", t
 
 class BlobError(RuntimeError):
     """A blob is missing, corrupt, refused or could not be moved."""
+
+
+class BlobCorrupt(BlobError):
+    """A blob arrived whole but its bytes do not hash to the digest asked for."""
 
 
 # ------------------------------------------------------------------ safetensors as a stream
@@ -87,10 +100,17 @@ class TensorBlob:
         self.size = len(self.header) + offset
         self._digest = digest
 
-    def chunks(self) -> Iterator[memoryview]:
+    def chunks(self, start: int = 0, end: int | None = None) -> Iterator[memoryview]:
+        """The stream's bytes [start, end) as views of the header and the tensors' memory, CHUNK at a time."""
+        end = self.size if end is None else end
+        offset = 0  # of the current piece in the stream
         for piece in (memoryview(self.header), *(_tensor_bytes(t) for t in self.tensors.values())):
-            for start in range(0, len(piece), CHUNK):
-                yield piece[start:start + CHUNK]
+            lo, hi = max(start - offset, 0), min(end - offset, len(piece))
+            for at in range(lo, hi, CHUNK):
+                yield piece[at:min(at + CHUNK, hi)]
+            offset += len(piece)
+            if offset >= end:
+                break
 
     @property
     def digest(self) -> str:
@@ -182,7 +202,7 @@ def read_blob(stream: BinaryIO, length: int, expected: str | None = None,
         raise BlobError(f"{remaining} bytes after the last tensor")
     got = digest.hexdigest()
     if expected is not None and got != expected:
-        raise BlobError(f"blob corrupt: expected sha256 {expected}, received {got}")
+        raise BlobCorrupt(f"blob corrupt: expected sha256 {expected}, received {got}")
     return TensorBlob(tensors, metadata, digest=got)
 
 
@@ -268,9 +288,39 @@ class BlobStore:
 
 
 # ------------------------------------------------------------------ HTTP
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The bytes [start, end) that an HTTP Range header asks of a `size`-byte blob (RFC 9110, section 14).
+
+    None: serve the whole blob (no header, another unit, or several ranges, which a server may ignore).
+    ValueError: a malformed or unsatisfiable range (answered 416). `bytes=-N` is the last N bytes;
+    a last byte past the end is clamped.
+    """
+    if header is None:
+        return None
+    unit, _, spec = header.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    match = re.fullmatch(r"\s*(\d*)\s*-\s*(\d*)\s*", spec)
+    if match is None or match.groups() == ("", ""):
+        raise ValueError(f"malformed range {header!r}")
+    first, last = match.groups()
+    if first == "":  # a suffix: the last N bytes
+        if int(last) == 0 or size == 0:
+            raise ValueError(f"range {header!r} asks for no bytes")
+        return max(size - int(last), 0), size
+    start = int(first)
+    end = size if last == "" else min(int(last) + 1, size)
+    if last != "" and int(last) < start:
+        raise ValueError(f"range {header!r}: last byte before first")
+    if start >= size:
+        raise ValueError(f"range {header!r} starts past the blob's {size} bytes")
+    return start, end
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _BlobHTTPServer
     protocol_version = "HTTP/1.1"
+    timeout = HTTP_TIMEOUT_S  # an idle or stalled connection frees its thread
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
         pass  # the run's own log says what matters; per-request lines would drown it
@@ -304,11 +354,24 @@ class _Handler(BaseHTTPRequestHandler):
         blob = self.server.store.get(digest)
         if blob is None:
             return self._reply(404, f"no blob {digest}")
-        self.send_response(200)
+        try:
+            wanted = byte_range(self.headers.get("Range"), blob.size)
+        except ValueError as error:
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{blob.size}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            self.log_message("%s", error)
+            return
+        start, end = wanted or (0, blob.size)
+        self.send_response(206 if wanted else 200)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(blob.size))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(end - start))
+        if wanted:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{blob.size}")
         self.end_headers()
-        for chunk in blob.chunks():  # straight from the tensors' memory to the socket
+        for chunk in blob.chunks(start, end):  # straight from the tensors' memory to the socket
             self.wfile.write(chunk)
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib name
@@ -330,18 +393,42 @@ class _BlobHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     store: BlobStore
     token: str
+    ssl_context: ssl.SSLContext | None = None
+
+    def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        """A client that hangs up mid-transfer is normal on a data plane (it resumes): no traceback for it."""
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError, ssl.SSLError)):
+            super().handle_error(request, client_address)
+
+    def finish_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        """TLS handshake here, in the connection's own thread: a slow or refused client stalls only itself."""
+        if self.ssl_context is None:
+            return super().finish_request(request, client_address)
+        request.settimeout(HTTP_TIMEOUT_S)
+        try:
+            tls = self.ssl_context.wrap_socket(request, server_side=True)
+        except OSError:  # the client does not trust us, or speaks plain HTTP: its problem, not the server's
+            request.close()
+            return
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            tls.close()
 
 
 class BlobServer:
-    """Serves a BlobStore: GET and PUT /blobs/<sha256>, bearer-token auth, optional TLS."""
+    """Serves a BlobStore: GET /blobs/<sha256> (with Range), POST /blobs, bearer-token auth, optional TLS.
+
+    `ssl_context`: a server context holding the certificate, e.g.
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH); ctx.load_cert_chain(cert_pem, key_pem).
+    """
 
     def __init__(self, store: BlobStore, host: str = "127.0.0.1", port: int = 0, token: str = "",
                  ssl_context: ssl.SSLContext | None = None):
         self.httpd = _BlobHTTPServer((host, port), _Handler)
         self.httpd.store = store
         self.httpd.token = token
-        if ssl_context is not None:
-            self.httpd.socket = ssl_context.wrap_socket(self.httpd.socket, server_side=True)
+        self.httpd.ssl_context = ssl_context
         self.scheme = "https" if ssl_context else "http"
         self._thread: threading.Thread | None = None
 
@@ -351,7 +438,8 @@ class BlobServer:
         return f"{self.scheme}://{host}:{port}"
 
     def start(self) -> BlobServer:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="blob-server", daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="blob-server", daemon=True)
         self._thread.start()
         return self
 
@@ -366,20 +454,32 @@ class BlobServer:
         self.stop()
 
 
-@contextlib.contextmanager
-def _connection(base_url: str, ssl_context: ssl.SSLContext | None) -> Iterator[http.client.HTTPConnection]:
+def _new_connection(base_url: str, ssl_context: ssl.SSLContext | None) -> http.client.HTTPConnection:
     parts = urlsplit(base_url)
     if parts.scheme == "https":
-        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-            parts.hostname, parts.port, timeout=HTTP_TIMEOUT_S, context=ssl_context, blocksize=CHUNK)
-    elif parts.scheme == "http":
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=HTTP_TIMEOUT_S, blocksize=CHUNK)
-    else:
-        raise BlobError(f"blob URL must be http:// or https://, got {base_url!r}")
+        return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=HTTP_TIMEOUT_S, context=ssl_context,
+                                           blocksize=CHUNK)
+    if parts.scheme == "http":
+        return http.client.HTTPConnection(parts.hostname, parts.port, timeout=HTTP_TIMEOUT_S, blocksize=CHUNK)
+    raise BlobError(f"blob URL must be http:// or https://, got {base_url!r}")
+
+
+@contextlib.contextmanager
+def _network_errors(base_url: str) -> Iterator[None]:
+    """Network errors inside surface as BlobError naming the peer."""
     try:
-        yield conn
+        yield
     except (OSError, http.client.HTTPException) as error:
+        parts = urlsplit(base_url)
         raise BlobError(f"blob transfer with {parts.hostname}:{parts.port} failed: {error}") from error
+
+
+@contextlib.contextmanager
+def _connection(base_url: str, ssl_context: ssl.SSLContext | None) -> Iterator[http.client.HTTPConnection]:
+    conn = _new_connection(base_url, ssl_context)
+    try:
+        with _network_errors(base_url):
+            yield conn
     finally:
         conn.close()
 
@@ -388,20 +488,139 @@ def _auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+class _ResumingBody:
+    """The body of GET /blobs/<digest> as a stream that reconnects where it stopped if the connection drops.
+
+    A resumed request asks for `Range: bytes=<received>-` and must get exactly that (206 with the matching
+    Content-Range); a server that answers 200 instead sends the blob from byte 0, and the bytes already
+    received are skipped. Either way the reader sees one unbroken stream and hashes all of it. It gives up
+    after MAX_RESUMES reconnections in a row that brought no new byte.
+    """
+
+    def __init__(self, base_url: str, digest: str, token: str, ssl_context: ssl.SSLContext | None):
+        self.base_url, self.digest, self.token, self.ssl_context = base_url, digest, token, ssl_context
+        self.url = f"{base_url}/blobs/{digest}"
+        self.received = 0      # bytes handed to the reader
+        self.length = -1       # the blob's size, from the first response
+        self.stalls = 0        # reconnections in a row without progress
+        self.reconnections = 0
+        self._opened_at = 0    # `received` when the current connection was opened
+        self._conn: http.client.HTTPConnection | None = None
+        self._response: http.client.HTTPResponse | None = None
+        self._reconnect()
+
+    def _reconnect(self) -> None:
+        while True:
+            try:
+                return self._open()
+            except ssl.SSLCertVerificationError:
+                raise  # trying again will not make the server trustworthy
+            except (OSError, http.client.HTTPException) as error:
+                self._stalled(error)
+
+    def _stalled(self, error: BaseException) -> None:
+        if self.received > self._opened_at:
+            self.stalls = 0  # the last connection brought bytes: a flaky link, not a dead one
+        self._opened_at = self.received
+        if self.stalls >= MAX_RESUMES:
+            where = f"at byte {self.received} of {self.length}" if self.length >= 0 else "before the first byte"
+            raise BlobError(f"GET {self.url}: connection lost {where}, {self.stalls} resumes failed: {error}")
+        self.stalls += 1
+        self.reconnections += 1
+        time.sleep(RESUME_BACKOFF_S * (self.stalls - 1))
+
+    def _open(self) -> None:
+        self.close()
+        self._opened_at = self.received
+        self._conn = _new_connection(self.base_url, self.ssl_context)
+        headers = _auth(self.token)
+        if self.received:
+            headers["Range"] = f"bytes={self.received}-"
+        self._conn.request("GET", f"/blobs/{self.digest}", headers=headers)
+        response = self._response = self._conn.getresponse()
+        if response.status not in (200, 206):
+            raise BlobError(f"GET {self.url}: {response.status} {response.read().decode(errors='replace').strip()}")
+        if response.headers.get("Content-Length") is None:  # headers cut short
+            raise http.client.IncompleteRead(b"", None)
+        length = int(response.headers["Content-Length"])
+        if response.status == 206:
+            expected = f"bytes {self.received}-{self.length - 1}/{self.length}"
+            if not self.received or response.headers.get("Content-Range") != expected:
+                raise BlobError(f"GET {self.url}: asked for {expected}, got {response.headers.get('Content-Range')}")
+            return
+        if self.length not in (-1, length):
+            raise BlobError(f"GET {self.url}: the blob was {self.length} bytes, now {length}")
+        self.length = length
+        skip, scratch = self.received, bytearray(min(self.received, CHUNK))
+        while skip:  # the server cannot resume: read again from the start, keep what we have
+            n = response.readinto(memoryview(scratch)[:min(skip, CHUNK)])
+            if not n:
+                raise http.client.IncompleteRead(b"", skip)
+            skip -= n
+
+    def readinto(self, view: memoryview) -> int:
+        while True:
+            try:
+                if self._response is None:
+                    raise ConnectionError("not connected")
+                n = self._response.readinto(view)
+                error: BaseException = ConnectionError("connection closed early")
+            except (OSError, http.client.HTTPException) as broken:
+                n, error = 0, broken
+            if n or self.received >= self.length or not len(view):
+                self.received += n
+                return n
+            self._stalled(error)
+            self._reconnect()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = self._response = None
+
+
 def fetch_blob(base_url: str, digest: str, token: str = "", into: Mapping[str, torch.Tensor] | None = None,
                ssl_context: ssl.SSLContext | None = None) -> TensorBlob:
-    """Download a blob straight into tensors (`into`, or new ones), verified against its digest."""
-    with _connection(base_url, ssl_context) as conn:
-        conn.request("GET", f"/blobs/{digest}", headers=_auth(token))
-        response = conn.getresponse()
-        if response.status != 200:
-            raise BlobError(f"GET {base_url}/blobs/{digest}: {response.status} {response.read().decode().strip()}")
-        return read_blob(response, int(response.headers["Content-Length"]), expected=digest, into=into)
+    """Download a blob straight into tensors (`into`, or new ones), verified against its digest.
+
+    A dropped connection is resumed (given up after MAX_RESUMES tries in a row without progress); a blob that hashes wrong is fetched once
+    more and then refused with BlobCorrupt. On any BlobError the `into` tensors hold partial or wrong
+    bytes: fetch into a staging buffer, not the live model, and use it only when this returns.
+    """
+    for attempt in (1, 2):
+        try:
+            with _network_errors(base_url):
+                body = _ResumingBody(base_url, digest, token, ssl_context)
+                try:
+                    return read_blob(body, body.length, expected=digest, into=into)
+                finally:
+                    body.close()
+        except BlobCorrupt:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def upload_blob(base_url: str, blob: TensorBlob, token: str = "",
                 ssl_context: ssl.SSLContext | None = None) -> str:
-    """Upload a blob, hashing it as it goes; returns its digest once the server has confirmed the same one."""
+    """Upload a blob, hashing it as it goes; returns its digest once the server has confirmed the same one.
+
+    A dropped connection or a digest the server does not confirm is tried once more from the start.
+    """
+    for attempt in (1, 2):
+        try:
+            return _upload_once(base_url, blob, token, ssl_context)
+        except _UploadFailed as error:
+            if attempt == 2:
+                raise BlobError(str(error)) from error
+    raise AssertionError("unreachable")
+
+
+class _UploadFailed(BlobError):
+    """An upload that may succeed when tried again (the connection broke, or bytes changed on the way)."""
+
+
+def _upload_once(base_url: str, blob: TensorBlob, token: str, ssl_context: ssl.SSLContext | None) -> str:
     digest = hashlib.sha256()
 
     def body() -> Iterator[memoryview]:
@@ -409,15 +628,20 @@ def upload_blob(base_url: str, blob: TensorBlob, token: str = "",
             digest.update(chunk)
             yield chunk
 
-    with _connection(base_url, ssl_context) as conn:
-        conn.request("POST", "/blobs", body=body(),
-                     headers={**_auth(token), "Content-Length": str(blob.size),
-                              "Content-Type": "application/octet-stream"})
-        response = conn.getresponse()
-        text = response.read().decode().strip()
+    try:
+        with _connection(base_url, ssl_context) as conn:
+            conn.request("POST", "/blobs", body=body(),
+                         headers={**_auth(token), "Content-Length": str(blob.size),
+                                  "Content-Type": "application/octet-stream"})
+            response = conn.getresponse()
+            text = response.read().decode(errors="replace").strip()
+    except BlobError as error:
+        if isinstance(error.__cause__, ssl.SSLCertVerificationError):
+            raise  # trying again will not make the server trustworthy
+        raise _UploadFailed(str(error)) from error
     if response.status != 201:
         raise BlobError(f"POST {base_url}/blobs: {response.status} {text}")
     if text != digest.hexdigest():
-        raise BlobError(f"upload corrupted on the way: sent sha256 {digest.hexdigest()}, server got {text}")
+        raise _UploadFailed(f"upload corrupted on the way: sent sha256 {digest.hexdigest()}, server got {text}")
     blob._digest = text
     return text

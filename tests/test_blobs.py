@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
+import http.client
 import io
+import ipaddress
 import socket
+import ssl
 import threading
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from pilot import blobs
 from pilot.blobs import (
+    BlobCorrupt,
     BlobError,
     BlobServer,
     BlobStore,
     TensorBlob,
+    byte_range,
     fetch_blob,
     load_tensors,
     read_blob,
@@ -107,8 +115,11 @@ def test_refusals():
             upload_blob(server.url, TensorBlob({"x": torch.zeros(3)}), token="")
         with pytest.raises(BlobError, match="404"):
             fetch_blob(server.url, "0" * 64, token=TOKEN)
+        with pytest.raises(BlobError, match="401"):
+            fetch_blob(server.url, digest)  # no token at all
+        status, _, _ = get(server.url, digest, {"Range": "bytes=0-7"})  # a range is no way around the token
+        assert status == 401
         # a stream that is not safetensors is refused and not stored
-        import http.client
         conn = http.client.HTTPConnection("127.0.0.1", server.httpd.server_address[1])
         conn.request("POST", "/blobs", body=b"\xff" * 16, headers={"Authorization": f"Bearer {TOKEN}"})
         assert conn.getresponse().status == 422
@@ -116,22 +127,270 @@ def test_refusals():
     assert list(store._blobs) == [digest]
 
 
-def test_a_transfer_cut_midway_is_an_error():
-    """A peer that promises 1 MB and hangs up after half."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    blob = TensorBlob({"w": torch.zeros(250_000)})
-    raw = b"".join(bytes(c) for c in blob.chunks())
-
-    def half_a_blob() -> None:
-        conn, _ = listener.accept()
-        conn.recv(65536)
-        conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(raw)}\r\n\r\n".encode() + raw[: len(raw) // 2])
+def get(url: str, digest: str, headers: dict[str, str]) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """One raw GET, to see exactly what the server answers."""
+    port = int(url.rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", f"/blobs/{digest}", headers=headers)
+        response = conn.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
         conn.close()
 
-    thread = threading.Thread(target=half_a_blob)
-    thread.start()
-    with pytest.raises(BlobError, match="early"):
-        fetch_blob(f"http://127.0.0.1:{port}", blob.digest)
-    thread.join()
-    listener.close()
+
+def test_byte_range_parsing():
+    assert byte_range(None, 100) is None
+    assert byte_range("bytes=0-9", 100) == (0, 10)
+    assert byte_range("bytes=90-", 100) == (90, 100)
+    assert byte_range("bytes=90-1000", 100) == (90, 100)  # a last byte past the end is clamped
+    assert byte_range("bytes=-10", 100) == (90, 100)
+    assert byte_range("bytes=-1000", 100) == (0, 100)
+    assert byte_range("bytes=0-1,5-6", 100) is None  # several ranges: the whole blob
+    assert byte_range("items=0-1", 100) is None      # another unit: ignored
+    for bad in ("bytes=100-", "bytes=5-4", "bytes=-0", "bytes=a-b", "bytes=-"):
+        with pytest.raises(ValueError):
+            byte_range(bad, 100)
+
+
+def test_range_requests_over_http():
+    store = BlobStore()
+    blob = TensorBlob(sample_tensors())
+    digest = store.add(blob)
+    raw = b"".join(bytes(c) for c in blob.chunks())
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with BlobServer(store, token=TOKEN) as server:
+        status, headers, body = get(server.url, digest, auth)
+        assert (status, body, headers["Accept-Ranges"]) == (200, raw, "bytes")
+        for start in (0, 1, 8, 100, len(raw) - 3):  # across the header, tensor boundaries, the end
+            status, headers, body = get(server.url, digest, {**auth, "Range": f"bytes={start}-{start + 700}"})
+            end = min(start + 701, len(raw))
+            assert status == 206 and body == raw[start:end]
+            assert headers["Content-Range"] == f"bytes {start}-{end - 1}/{len(raw)}"
+            assert int(headers["Content-Length"]) == end - start
+        status, headers, body = get(server.url, digest, {**auth, "Range": "bytes=-5"})
+        assert (status, body, headers["Content-Range"]) == (206, raw[-5:], f"bytes {len(raw) - 5}-{len(raw) - 1}/{len(raw)}")
+        status, headers, body = get(server.url, digest, {**auth, "Range": f"bytes={len(raw)}-"})
+        assert (status, body, headers["Content-Range"]) == (416, b"", f"bytes */{len(raw)}")
+        status, _, body = get(server.url, digest, {**auth, "Range": "bytes=0-1,4-5"})
+        assert (status, body) == (200, raw)
+
+
+# ------------------------------------------------------------------ a network that misbehaves
+class FlakyProxy:
+    """A TCP proxy in front of the blob server: its first `bad` connections misbehave in one chosen way
+    (cut the response after N bytes, cut the request after N bytes, flip one response byte, or drop the
+    Range header so that the server cannot resume). Records every request head it forwards."""
+
+    def __init__(self, upstream: str, bad: int = 1, cut_response_after: int | None = None,
+                 cut_request_after: int | None = None, flip_response_byte: int | None = None,
+                 strip_range: bool = False):
+        self.upstream = ("127.0.0.1", int(upstream.rsplit(":", 1)[1]))
+        self.bad, self.strip_range = bad, strip_range
+        self.cut_response_after, self.cut_request_after = cut_response_after, cut_request_after
+        self.flip_response_byte = flip_response_byte
+        self.heads: list[str] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            faulty = len(self.heads) < self.bad
+            buffer = b""
+            while b"\r\n\r\n" not in buffer:
+                data = client.recv(65536)
+                if not data:
+                    break
+                buffer += data
+            head, _, rest = buffer.partition(b"\r\n\r\n")
+            self.heads.append(head.decode())
+            if faulty and self.strip_range:
+                head = b"\r\n".join(line for line in head.split(b"\r\n") if not line.lower().startswith(b"range:"))
+            server = socket.create_connection(self.upstream)
+            server.sendall(head + b"\r\n\r\n")
+            request_cut = self.cut_request_after if faulty else None
+            response_cut = self.cut_response_after if faulty else None
+            flip = self.flip_response_byte if faulty else None
+            threading.Thread(target=self._pump, args=(client, server, rest, request_cut, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, b"", response_cut, flip), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, first: bytes, cut: int | None, flip: int | None) -> None:
+        sent = 0
+        data = first
+        try:
+            while True:
+                if data:
+                    if flip is not None and sent <= flip < sent + len(data):
+                        data = bytearray(data)
+                        data[flip - sent] ^= 0x40
+                    if cut is not None and sent + len(data) >= cut:
+                        dst.sendall(data[:cut - sent])
+                        raise ConnectionAbortedError("cut")  # hang up on both sides, mid-transfer
+                    dst.sendall(data)
+                    sent += len(data)
+                data = src.recv(1 << 20)
+                if not data:
+                    dst.shutdown(socket.SHUT_WR)
+                    return
+        except OSError:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def big_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {"a": torch.randn(300_000, generator=g), "b": torch.randn(400, 1000, generator=g).to(torch.bfloat16)}
+
+
+@pytest.fixture
+def served():
+    """A server holding one 2 MB blob; yields (server, digest, its tensors)."""
+    store = BlobStore()
+    tensors = big_tensors()
+    digest = store.publish(tensors)
+    with BlobServer(store, token=TOKEN) as server:
+        yield server, digest, tensors
+
+
+def fetch_through(proxy: FlakyProxy, digest: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    staging = {k: torch.full_like(v, 7.0) for k, v in tensors.items()}
+    try:
+        fetch_blob(proxy.url, digest, token=TOKEN, into=staging)
+    finally:
+        proxy.close()
+    return staging
+
+
+def test_a_fetch_cut_midway_resumes_where_it_stopped(served):
+    server, digest, tensors = served
+    proxy = FlakyProxy(server.url, cut_response_after=1_000_000)
+    assert_same(fetch_through(proxy, digest, tensors), tensors)  # bit-identical to the blob
+    assert len(proxy.heads) == 2 and "range" not in proxy.heads[0].lower()
+    (resume,) = [line for line in proxy.heads[1].split("\r\n") if line.lower().startswith("range:")]
+    start = int(resume.split("=")[1].rstrip("-"))
+    assert 900_000 < start < 1_000_000  # from where it stopped (the cut counted the response headers too)
+
+
+def test_a_fetch_that_cannot_resume_restarts_from_zero(served):
+    server, digest, tensors = served
+    proxy = FlakyProxy(server.url, bad=2, cut_response_after=1_000_000, strip_range=True)  # the resume gets a 200
+    assert_same(fetch_through(proxy, digest, tensors), tensors)
+    assert len(proxy.heads) == 3
+
+
+def test_a_fetch_that_keeps_failing_gives_up(served, monkeypatch):
+    monkeypatch.setattr(blobs, "RESUME_BACKOFF_S", 0.0)
+    server, digest, tensors = served
+    proxy = FlakyProxy(server.url, bad=100, cut_response_after=1_000_000)
+    assert_same(fetch_through(proxy, digest, tensors), tensors)  # cut every 1 MB: each try brings bytes
+    proxy = FlakyProxy(server.url, bad=100, cut_response_after=60)  # inside the response headers
+    with pytest.raises(BlobError, match="resumes failed"):
+        fetch_through(proxy, digest, tensors)
+    assert len(proxy.heads) == 1 + blobs.MAX_RESUMES
+
+
+def test_a_corrupted_fetch_is_fetched_again(served):
+    server, digest, tensors = served
+    proxy = FlakyProxy(server.url, flip_response_byte=1_500_000)  # one bit flipped on the way, first time only
+    assert_same(fetch_through(proxy, digest, tensors), tensors)
+    assert len(proxy.heads) == 2
+
+
+def test_a_blob_with_a_wrong_hash_is_refused(served):
+    """The server serves bytes that are not what the digest names: fetched twice, then refused."""
+    server, digest, tensors = served
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    server.httpd.store._blobs[wrong] = server.httpd.store.get(digest)
+    proxy = FlakyProxy(server.url, bad=0)
+    with pytest.raises(BlobCorrupt, match=f"expected sha256 {wrong}"):
+        fetch_through(proxy, wrong, tensors)
+    assert len(proxy.heads) == 2
+
+
+def test_an_upload_cut_midway_is_sent_again(served):
+    server, _, tensors = served
+    proxy = FlakyProxy(server.url, cut_request_after=1_000_000)
+    update = TensorBlob({k: v + 1 for k, v in tensors.items()})
+    try:
+        digest = upload_blob(proxy.url, update, token=TOKEN)
+    finally:
+        proxy.close()
+    assert len(proxy.heads) == 2 and digest == update.digest
+    assert_same(server.httpd.store.get(digest).tensors, update.tensors)
+
+
+# ------------------------------------------------------------------ TLS
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A throwaway CA and a certificate it signed for 127.0.0.1 / localhost (PEM files)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder = tmp_path_factory.mktemp("pki")
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(subject: str, key, issuer: str, issuer_key, ca: bool) -> x509.Certificate:
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ca:
+            builder = builder.add_extension(x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
+                decipher_only=False), critical=True)
+        else:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_cert = certificate("pilot test CA", ca_key, "pilot test CA", ca_key, ca=True)
+    server_cert = certificate("127.0.0.1", server_key, "pilot test CA", ca_key, ca=False)
+    paths = {name: folder / f"{name}.pem" for name in ("ca", "cert", "key")}
+    paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))
+    return paths
+
+
+def test_tls_a_client_that_trusts_the_ca_fetches_others_are_refused(pki, monkeypatch):
+    monkeypatch.setattr(blobs, "RESUME_BACKOFF_S", 0.0)  # plain HTTP to the TLS port is retried, then refused
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(pki["cert"], pki["key"])
+    trusting = ssl.create_default_context(cafile=str(pki["ca"]))
+    store = BlobStore()
+    tensors = sample_tensors()
+    digest = store.publish(tensors)
+    with BlobServer(store, token=TOKEN, ssl_context=server_context) as server:
+        assert server.url.startswith("https://")
+        with pytest.raises(BlobError, match="CERTIFICATE_VERIFY_FAILED"):
+            fetch_blob(server.url, digest, token=TOKEN)  # the system's CAs do not know ours
+        with pytest.raises(BlobError, match="CERTIFICATE_VERIFY_FAILED"):
+            upload_blob(server.url, TensorBlob({"x": torch.zeros(3)}), token=TOKEN, ssl_context=ssl.create_default_context())
+        with pytest.raises(BlobError):
+            fetch_blob(server.url.replace("https", "http"), digest, token=TOKEN)  # plain HTTP to a TLS port
+        # the refused handshakes did not take the server down
+        blob = fetch_blob(server.url, digest, token=TOKEN, ssl_context=trusting)
+        assert_same(blob.tensors, {k: v.contiguous() for k, v in tensors.items()})
+        update = TensorBlob({"delta": torch.arange(6.0)})
+        assert upload_blob(server.url, update, token=TOKEN, ssl_context=trusting) == update.digest in store
+        localhost = server.url.replace("127.0.0.1", "localhost")
+        assert fetch_blob(localhost, digest, token=TOKEN, ssl_context=trusting).digest == digest
