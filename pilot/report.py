@@ -298,6 +298,10 @@ def load_moer(logs: RunLogs, notes: list[str]) -> dict[str, Any]:
             source = site.options.get("moer_trace")
             if site.signal != "moer" or not source:
                 continue
+            if source == "watttime":   # downloaded by the simulation: its cached file, never the network
+                from pilot.energy import watttime  # noqa: PLC0415
+
+                source = str(watttime.cache_path(watttime.default_cache_dir(), site.region, scn.start, scn.end))
             if not Path(str(source)).is_file():
                 notes.append(f"site {site.name}: MOER trace {source!r} is not a local file; no MOER emissions")
                 continue
