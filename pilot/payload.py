@@ -1,0 +1,125 @@
+"""What a site sends back after a round: its update, as one of two payload kinds (run setting `update-payload`).
+
+    weights-fp32   the site's weights at the end of the round, fp32: 4 bytes a parameter, exact
+    delta-bf16     the pseudo-gradient start - end (the round's starting weights minus the site's), cast to
+                   bf16: 2 bytes a parameter, half the bytes; the error is bf16 rounding of the delta (a
+                   relative 2^-9 of each element of the delta), not of the weights
+
+The server always gets fp32 weights back (start - delta), so averaging and the outer optimizer run in fp32.
+Memory (at most two copies of the model per process during a sync): a site holds its live model (`end`)
+and one buffer with the round's start weights (`start`); `reuse_start=True` writes the payload into that
+buffer's own memory (the bf16 delta fills its first half), so encoding allocates nothing model-sized.
+
+    start = fetched global weights          # the site's staging buffer, fetched with fetch_blob(into=...)
+    end = trainer.get_weights()             # after the round
+    payload = encode_update(start, end, "delta-bf16", reuse_start=True)    # start is consumed
+    digest = upload_blob(url, TensorBlob(payload, {"payload": "delta-bf16"}), token=token)
+    ...                                     # on the server, with the round's global weights as start:
+    weights = decode_update(store.get(digest).tensors, global_weights, "delta-bf16")  # fp32, = end +- rounding
+
+Tensors that are not floating point (counters, masks) travel as they are in both kinds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+KINDS = ("weights-fp32", "delta-bf16")
+BLOCK = 1 << 20  # elements per step of the in-place bf16 encoding: a small scratch, not a model-sized one
+
+_WIRE_DTYPE = {"weights-fp32": torch.float32, "delta-bf16": torch.bfloat16}
+
+
+def check_kind(kind: str) -> str:
+    """`kind` if it is a payload kind, else ValueError naming the choices."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown update payload {kind!r}: choose one of {', '.join(KINDS)}")
+    return kind
+
+
+def _check_names(got: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], what: str) -> None:
+    if set(got) != set(reference):
+        missing, extra = sorted(set(reference) - set(got)), sorted(set(got) - set(reference))
+        raise ValueError(f"{what}: tensor names differ from the start weights' (missing {missing[:3]}, "
+                         f"extra {extra[:3]})")
+    for name, tensor in got.items():
+        if tuple(tensor.shape) != tuple(reference[name].shape):
+            raise ValueError(f"{what}: {name} has shape {tuple(tensor.shape)}, "
+                             f"the start weights' is {tuple(reference[name].shape)}")
+
+
+def _delta_over_own_memory(start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """bf16(start - end) written over the first half of `start`'s own memory; `start` is consumed.
+
+    Block by block: the bf16 results of elements [lo, hi) land on bytes that held fp32 elements
+    [lo/2, hi/2), all of which were read already (this block was computed before being written).
+    """
+    flat = start.view(-1)
+    n = flat.numel()
+    out = flat.view(torch.bfloat16)[:n]
+    end_flat = end.detach().reshape(-1)
+    for lo in range(0, n, BLOCK):
+        hi = min(lo + BLOCK, n)
+        out[lo:hi] = (flat[lo:hi] - end_flat[lo:hi].to(flat.device, torch.float32)).to(torch.bfloat16)
+    return out.view(start.shape)
+
+
+@torch.no_grad()
+def encode_update(start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tensor], kind: str, *,
+                  reuse_start: bool = False) -> dict[str, torch.Tensor]:
+    """The payload a site uploads: its weights (`weights-fp32`) or bf16(start - end) (`delta-bf16`).
+
+    reuse_start=False: `start` is left alone; weights-fp32 returns `end`'s own tensors (no copy), delta-bf16
+    allocates the bf16 delta (half a model). reuse_start=True: the payload is written into `start`'s memory
+    and `start` no longer holds the start weights (no model-sized allocation; for fp32 `start` tensors).
+    """
+    check_kind(kind)
+    _check_names(end, start, "encode_update")
+    payload: dict[str, torch.Tensor] = {}
+    for name, s in start.items():
+        e = end[name].detach()
+        if not e.is_floating_point():
+            payload[name] = e
+        elif kind == "weights-fp32":
+            if reuse_start and s.dtype == torch.float32:
+                payload[name] = s.copy_(e)
+            else:
+                payload[name] = e.float()
+        elif reuse_start and s.dtype == torch.float32 and s.is_contiguous():
+            payload[name] = _delta_over_own_memory(s, e)
+        else:
+            payload[name] = torch.sub(s.float(), e.to(s.device, torch.float32)).to(torch.bfloat16)
+    return payload
+
+
+@torch.no_grad()
+def decode_update(payload: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor], kind: str, *,
+                  out: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """A site's fp32 weights from its payload and the round's start weights (start - delta for delta-bf16).
+
+    out: fp32 tensors to write into (may be `start` itself, which then becomes the site's weights); else
+    weights-fp32 returns the payload's own tensors and delta-bf16 allocates one fp32 model.
+    """
+    check_kind(kind)
+    _check_names(payload, start, "decode_update")
+    weights: dict[str, torch.Tensor] = {}
+    for name, p in payload.items():
+        if p.is_floating_point() and p.dtype != _WIRE_DTYPE[kind]:
+            raise ValueError(f"decode_update: {name} is {p.dtype}, a {kind} payload holds {_WIRE_DTYPE[kind]}")
+        target = out[name] if out is not None else None
+        if not p.is_floating_point() or kind == "weights-fp32":
+            weights[name] = target.copy_(p) if target is not None else p
+        elif target is not None:
+            weights[name] = torch.sub(start[name], p, out=target)  # mixed dtypes: no fp32 copy of the delta
+        else:
+            weights[name] = torch.sub(start[name].float(), p)
+    return weights
+
+
+def payload_bytes(state: Mapping[str, torch.Tensor], kind: str) -> int:
+    """Bytes of tensor data a payload of this kind holds for a model shaped like `state`."""
+    check_kind(kind)
+    return sum(t.numel() * (_WIRE_DTYPE[kind].itemsize if t.is_floating_point() else t.element_size())
+               for t in state.values())
