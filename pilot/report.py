@@ -286,7 +286,7 @@ def load_moer(logs: RunLogs, notes: list[str]) -> dict[str, Any]:
         return {}
     if not path or not Path(path).is_file():
         notes.append(f"MOER sites {[s['name'] for s in moer_sites]}: the scenario file ({path or 'not logged'}) "
-                     "is not readable here; their MOER emissions are not shown")
+                     "is not readable here; their MOER emissions are not shown (give it with --scenario)")
         return {}
     from pilot.energy import sites as energy_sites  # noqa: PLC0415
     from pilot.energy import traces  # noqa: PLC0415
@@ -444,7 +444,7 @@ def summarize(logs: RunLogs, intensity: float = DEFAULT_INTENSITY_KG_PER_KWH) ->
         "speedup": speedup, "speedup_source": speedup_source,
         "sim_start": horizon[0] if horizon else None, "sim_end": horizon[1] if horizon else None,
         "live_sim_s": length(live), "incarnations": sum(1 for e in events if e["kind"] in ("start", "resume")),
-        "regime_sim_s": {r: sum(e - s for s, e, g in regimes if g == r) for r in REGIMES},
+        "regime_sim_s": {r: float(sum(e - s for s, e, g in regimes if g == r)) for r in REGIMES},
     }
     # -------- baseline
     base_series = baseline_series(logs)
@@ -643,9 +643,12 @@ def render_html(summary: dict[str, Any], figures: dict[str, Path | None]) -> str
 
 
 def build(run_dir: str | Path, out_dir: str | Path | None = None,
-          intensity: float = DEFAULT_INTENSITY_KG_PER_KWH) -> Path:
-    """Read the logs, write summary.json, the figures and index.html into `out_dir` (RUN_DIR/report)."""
+          intensity: float = DEFAULT_INTENSITY_KG_PER_KWH, scenario: str | Path | None = None) -> Path:
+    """Read the logs, write summary.json, the figures and index.html into `out_dir` (RUN_DIR/report).
+    `scenario`: the scenario file, for its MOER traces, when energy_config.json does not name it."""
     logs = read_run(run_dir)
+    if scenario is not None and logs.energy_config is not None:
+        logs.energy_config["scenario_path"] = str(scenario)
     out = Path(out_dir) if out_dir else Path(run_dir) / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     summary, drawing = summarize(logs, intensity)
@@ -703,12 +706,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--intensity", type=float, default=DEFAULT_INTENSITY_KG_PER_KWH,
                         help="grid carbon intensity outside curtailment windows, kg CO2/kWh "
                              f"(default {DEFAULT_INTENSITY_KG_PER_KWH}: U.S. average 2023, EIA)")
+    parser.add_argument("--scenario", default=None,
+                        help="the run's scenario TOML, for MOER traces (default: the one energy_config.json names)")
     parser.add_argument("--png", action="store_true", help="also screenshot the page to index.png (headless Chromium)")
     args = parser.parse_args(argv)
     if not (args.intensity >= 0 and math.isfinite(args.intensity)):
         parser.error(f"--intensity must be a non-negative number, got {args.intensity}")
     try:
-        page = build(args.run_dir, args.out, args.intensity)
+        page = build(args.run_dir, args.out, args.intensity, args.scenario)
     except LogError as error:
         print(f"pilot report: error: {error}", file=sys.stderr)
         return 2

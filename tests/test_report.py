@@ -379,3 +379,19 @@ def test_a_step_delivered_twice_counts_once(tmp_path):
     assert summary["run"]["steps"] == len(lines) + 1      # the exact repeats dropped, the redone step kept
     assert summary["warnings"] == [f"{path}: 2 repeated step record(s) ignored (lines {len(lines) + 1}, "
                                    f"{len(lines) + 2})"]
+
+
+def test_moer_traces_from_a_scenario_given_on_the_command_line(tmp_path):
+    run, _ = make_run(tmp_path)
+    config_path = run / "logs" / "energy_config.json"
+    config = json.loads(config_path.read_text())
+    scenario = config.pop("scenario_path")
+    config_path.write_text(json.dumps(config))
+    report.build(run)
+    summary = json.loads((run / "report" / "summary.json").read_text())
+    assert summary["emissions"]["moer_regions"] == [] and "give it with --scenario" in " ".join(summary["notes"])
+    assert report.main([str(run), "--scenario", scenario]) == 0
+    summary = json.loads((run / "report" / "summary.json").read_text())
+    assert summary["emissions"]["moer_regions"] == ["CAISO_NORTH"]
+    assert summary["emissions"]["sites"]["client_2"]["moer_kg"] == pytest.approx(
+        summary["energy"]["sites"]["client_2"]["energy_kwh"] * MOER_CAISO / 1000 * KG_PER_LB)
