@@ -539,6 +539,8 @@ METHOD = """
 <p><b>Simulated time.</b> A step that took <i>s</i> wall seconds and ended at simulated time <i>t</i> trained over
 [<i>t</i> − <i>s</i>·speedup, <i>t</i>]. Windows come from the curtailment transitions the server read
 (logs/energy.jsonl); the run was live from each start/resume event to the last event of that server.</p>
+<p><b>Wall time.</b> Federated: seconds since the server's first event (setup and start-up included);
+centralized: seconds since its first step began.</p>
 <p><b>Energy.</b> A site is held by the run while its window is open (and the run is live) and while it works in a
 round (from receiving the round to handing in its result), also outside its window. Held time draws the site's
 training power (GPUs × gpu_train_kw) while it steps and its idle power (GPUs × gpu_idle_kw) otherwise; time not held

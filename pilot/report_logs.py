@@ -139,6 +139,10 @@ def read_run(run_dir: str | Path) -> RunLogs:
         if not isinstance(config, dict):
             raise LogError(f"{config_path}:1: expected a JSON object")
         logs.energy_config = config
+    for record in logs.energy or []:
+        if record["curtailed"] not in (0, 1) or record["sim_ts"] is None:
+            raise LogError(f"{run_dir / ENERGY}:{record['_line']}: expected curtailed 0 or 1 and a sim_ts, got "
+                           f"curtailed={record['curtailed']!r}, sim_ts={record['sim_ts']!r}")
     if logs.steps:
         logs.steps = drop_repeated_steps(logs.steps, logs.warnings, str(run_dir / STEPS))
     if logs.events is None and logs.steps is None:

@@ -289,6 +289,13 @@ def test_malformed_line_names_file_and_line(tmp_path, capsys):
     path.write_text("\n".join(lines[:4] + lines[5:]) + "\n")
     with pytest.raises(LogError, match=rf"events\.jsonl:{bad + 1}: sim_end must be a number"):
         report.build(run)
+    events.write_text("\n".join(ev[:bad] + ev[bad + 1:]) + "\n")
+    energy = run / "logs" / "energy.jsonl"
+    en = energy.read_text().splitlines()
+    en[2] = en[2].replace('"curtailed": 0', '"curtailed": "no"')
+    energy.write_text("\n".join(en) + "\n")
+    with pytest.raises(LogError, match=r"energy\.jsonl:3: expected curtailed 0 or 1"):
+        report.build(run)
 
 
 def test_cut_short_last_line_is_a_warning_not_an_error(tmp_path):
