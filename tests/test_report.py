@@ -14,7 +14,7 @@ import pytest
 
 from pilot import report
 from pilot.energy.accounting import KG_PER_LB
-from pilot.report_logs import LogError
+from pilot.report_logs import LogError, read_run
 
 H = 3600.0
 S0 = 1743984000.0            # 2025-04-07T00:00:00Z, the simulated start
@@ -381,8 +381,7 @@ def test_a_step_delivered_twice_counts_once(tmp_path):
     lines = path.read_text().splitlines()
     redone = json.loads(lines[3]) | {"wall_ts": json.loads(lines[-1])["wall_ts"] + 5, "sim_ts": S0 + END + 300}
     path.write_text("\n".join(lines + [lines[3], lines[7], json.dumps(redone)]) + "\n")
-    report.build(run)
-    summary = json.loads((run / "report" / "summary.json").read_text())
+    summary, _ = report.summarize(read_run(run))   # the numbers alone, no figures
     assert summary["run"]["steps"] == len(lines) + 1      # the exact repeats dropped, the redone step kept
     assert summary["warnings"] == [f"{path}: 2 repeated step record(s) ignored (lines {len(lines) + 1}, "
                                    f"{len(lines) + 2})"]
@@ -394,8 +393,7 @@ def test_moer_traces_from_a_scenario_given_on_the_command_line(tmp_path):
     config = json.loads(config_path.read_text())
     scenario = config.pop("scenario_path")
     config_path.write_text(json.dumps(config))
-    report.build(run)
-    summary = json.loads((run / "report" / "summary.json").read_text())
+    summary, _ = report.summarize(read_run(run))
     assert summary["emissions"]["moer_regions"] == [] and "give it with --scenario" in " ".join(summary["notes"])
     assert report.main([str(run), "--scenario", scenario]) == 0
     summary = json.loads((run / "report" / "summary.json").read_text())
