@@ -36,6 +36,9 @@ from redis.retry import Retry
 
 # ------------------------------------------------------------------ settings
 REDIS_URL_ENV = "PILOT_REDIS_URL"      # where a configured Redis lives; empty means embedded
+# a file holding the password of a configured Redis whose URL has none: the URL itself then holds no secret
+# (it can travel in run config and Flower messages); rediss:// URLs take the CA as ?ssl_ca_certs=PATH
+REDIS_PASSWORD_FILE_ENV = "PILOT_REDIS_PASSWORD_FILE"
 RUN_DIR_ENV = "PILOT_RUN_DIR"          # the run directory; default $PILOT_HOME/runs/RUN_ID
 HOME_ENV = "PILOT_HOME"                # where runs live; default ~/.cache/pilot
 CONNECT_TIMEOUT_S = 5.0                # a configured server that does not answer within this is an error
@@ -97,6 +100,18 @@ def _check_url(url: str) -> None:
             f"rediss://... for TLS, or unix:///PATH.sock.")
 
 
+def password_from_file(url: str) -> str | None:
+    """The password in $PILOT_REDIS_PASSWORD_FILE, for a URL that carries none (else None)."""
+    path = os.environ.get(REDIS_PASSWORD_FILE_ENV)
+    if not path or urlsplit(url).password is not None or urlsplit(url).scheme == "unix":
+        return None
+    try:
+        return Path(path).read_text().strip()
+    except OSError as error:
+        raise RedisUnavailable(f"Cannot read the Redis password file {path} ({REDIS_PASSWORD_FILE_ENV}): "
+                               f"{error.strerror}.") from error
+
+
 def client_from_url(url: str, *, client_name: str | None = None, decode_responses: bool = True,
                     wait: bool = False) -> redis.Redis:
     """A client for `url`, checked with PING so that a bad URL fails here and not deep inside a run.
@@ -109,6 +124,8 @@ def client_from_url(url: str, *, client_name: str | None = None, decode_response
     name = client_name or f"{CLIENT_NAME_PREFIX}{os.getpid()}"
     options = dict(decode_responses=decode_responses, client_name=name, socket_connect_timeout=CONNECT_TIMEOUT_S,
                    health_check_interval=30)
+    if (password := password_from_file(url)) is not None:
+        options["password"] = password
     try:
         probe = redis.Redis.from_url(url, **options, retry=Retry(OUTAGE_BACKOFF, OUTAGE_RETRIES if wait else 0))
         probe.ping()

@@ -1,9 +1,10 @@
 """A secure deployment on loopback, every part real: `pilot certs` makes the CA, certificates, Redis password
 and site keys; redis-server 7 speaks only TLS and wants the password; the SuperLink speaks only TLS and admits
-only registered SuperNodes. Two registered SuperNodes run a federated job through the curtailment loop, with
-every Pilot process on the TLS Redis; strangers are refused: a SuperNode whose key is not registered, one
-without a key, one without TLS, one and a `flwr` CLI without the CA, Redis clients without the password,
-without TLS or without the CA. Every process started here is gone at the end (checked by PID)."""
+only registered SuperNodes. Two registered SuperNodes run a federated job through the curtailment loop, every
+Pilot process on the TLS Redis with its password read from a file. Strangers are refused: a SuperNode whose
+key is not registered, one without a key, one without TLS, one and a `flwr` CLI without the CA, Redis clients
+without the password, without TLS or without the CA. Every process started here is gone at the end (checked
+by PID)."""
 
 from __future__ import annotations
 
@@ -143,6 +144,18 @@ def test_redis_wants_tls_the_ca_and_the_password(bundle, tls_redis):
         assert password not in str(error.value), "an error message must never show the password"
 
 
+def test_the_password_can_come_from_a_file(bundle, tls_redis, monkeypatch, tmp_path):
+    """PILOT_REDIS_PASSWORD_FILE: the URL then holds no secret (it travels in run config and Flower messages)."""
+    url = redis_url(tls_redis, None, bundle / "ca.crt")
+    monkeypatch.setenv("PILOT_REDIS_PASSWORD_FILE", str(bundle / "redis-password"))
+    client = connect(url)
+    assert client.ping()
+    client.close()
+    monkeypatch.setenv("PILOT_REDIS_PASSWORD_FILE", str(tmp_path / "missing"))
+    with pytest.raises(RedisUnavailable, match="Cannot read the Redis password file"):
+        connect(url)
+
+
 def test_plain_redis_refuses_a_client_without_the_password(redis_server):
     with pytest.raises(RedisUnavailable, match="requires a password"):
         connect(f"redis://127.0.0.1:{redis_server.port}/0")
@@ -151,8 +164,8 @@ def test_plain_redis_refuses_a_client_without_the_password(redis_server):
 # ------------------------------------------------------------------ Flower
 def test_secure_federation_admits_only_registered_nodes(tmp_path, bundle, tls_redis, text_shards, tiny_tokenizer):
     ca, run_dir, run_id = bundle / "ca.crt", tmp_path / "run", "secure"
-    password = (bundle / "redis-password").read_text().strip()
-    secure_redis = redis_url(tls_redis, password, ca)
+    # the URL holds no secret: every process reads the password from the file (PILOT_REDIS_PASSWORD_FILE)
+    secure_redis = redis_url(tls_redis, None, ca)
     link_port = free_port()
     flwr_home = tmp_path / "flwr-home"
     flwr_home.mkdir()
@@ -162,8 +175,8 @@ def test_secure_federation_admits_only_registered_nodes(tmp_path, bundle, tls_re
         f'[superlink.{NO_CA_CONNECTION}]\naddress = "127.0.0.1:{link_port}"\n')
     # every process of the deployment finds Redis (TLS, password) through its environment, as in production
     env = subprocess_env(HOME=str(tmp_path), FLWR_HOME=str(flwr_home), PILOT_SITE_THREADS="1",
-                         PILOT_REDIS_URL=secure_redis)
-    r = connect(secure_redis)
+                         PILOT_REDIS_URL=secure_redis, PILOT_REDIS_PASSWORD_FILE=str(bundle / "redis-password"))
+    r = connect(redis_url(tls_redis, (bundle / "redis-password").read_text().strip(), ca))
     events_key = protocol.server_events_key(run_id)
     started: list[subprocess.Popen] = []
 
