@@ -238,13 +238,13 @@ def next_steps(bundle: Bundle, superlink_host: str, redis_host: str, connection:
         "Copy to each host only what it needs: ca.crt everywhere; superlink.* and blob.* to the SuperLink host;",
         "redis.* to the Redis host; sites/NAME (the private key) only to that site's host.",
         "",
-        "1. Redis with TLS and a password (the Redis host):",
-        f"   redis-server --port 0 --tls-port 6380 --bind 0.0.0.0 --tls-cert-file {q('redis.crt')} "
-        f"--tls-key-file {q('redis.key')} --tls-ca-cert-file {q('ca.crt')} --tls-auth-clients no "
-        f"--requirepass \"$(cat {q('redis-password')})\"",
-        "   every Pilot process finds it through the environment (never through committed config):",
-        f"   export PILOT_REDIS_URL=\"rediss://:$(cat {q('redis-password')})@{redis_host}:6380/0"
-        f"?ssl_ca_certs={bundle.ca}\"",
+        "1. Redis with TLS and a password (the Redis host); the password goes in through stdin, not the process list:",
+        f"   echo \"requirepass $(cat {q('redis-password')})\" | redis-server - --port 0 --tls-port 6380 "
+        f"--bind 0.0.0.0 --tls-cert-file {q('redis.crt')} --tls-key-file {q('redis.key')} "
+        f"--tls-ca-cert-file {q('ca.crt')} --tls-auth-clients no",
+        "   every Pilot process finds it through its environment (never through committed config):",
+        f"   export PILOT_REDIS_URL=\"rediss://{redis_host}:6380/0?ssl_ca_certs={bundle.ca}\"",
+        f"   export PILOT_REDIS_PASSWORD_FILE={q('redis-password')}",
         "",
         "2. The SuperLink with TLS and SuperNode authentication (the server host, PILOT_REDIS_URL set):",
         f"   flower-superlink --ssl-ca-certfile {q('ca.crt')} --ssl-certfile {q('superlink.crt')} "

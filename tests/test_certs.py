@@ -142,7 +142,8 @@ def test_the_command_prints_every_next_step_and_refuses_a_second_run(tmp_path, c
     assert main(["certs", "--out", str(out), "--superlink-host", "link.example.org", "--redis-host",
                  "redis.example.org", "--sites", "client_0,client_1,client_2"]) == 0
     text = capsys.readouterr().out
-    assert "--tls-port 6380" in text and "--requirepass" in text and "rediss://" in text
+    assert "--tls-port 6380" in text and "requirepass" in text and "rediss://redis.example.org:6380/0" in text
+    assert f"PILOT_REDIS_PASSWORD_FILE={out / 'redis-password'}" in text
     assert "--enable-supernode-auth" in text and f"--ssl-certfile {out / 'superlink.crt'}" in text
     assert 'address = "link.example.org:8000"' in text and f'root-certificates = "{out / "ca.crt"}"' in text
     assert f"pilot certs register --out {out}" in text
