@@ -26,6 +26,7 @@ every command for both.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -173,6 +174,22 @@ def load_sites(path: str | Path) -> list[SiteSpec]:
         raise SiteSpecError(f"{path}: expected only [[sites]] tables, found {sorted(data) or 'nothing'}")
     sites = [site_from_table(t, i, f"{path}: [[sites]] #{i + 1}") for i, t in enumerate(data["sites"])]
     return check_sites(sites, str(path))
+
+
+def sites_toml(sites: Sequence[SiteSpec]) -> str:
+    """The sites as a TOML file that `load_sites` reads back to the same specs."""
+    def text(value: str) -> str:
+        return json.dumps(value)   # a JSON string is a TOML basic string
+    blocks = []
+    for site in sites:
+        lines = ["[[sites]]", f"name = {text(site.name)}", f"partition_id = {site.partition_id}", f"gpus = {site.gpus}"]
+        if site.gpu_ids:
+            lines.append(f"gpu_ids = [{', '.join(map(str, site.gpu_ids))}]")
+        if site.node_selector:
+            pairs = ", ".join(f"{text(k)} = {text(v)}" for k, v in site.node_selector.items())
+            lines.append(f"node_selector = {{ {pairs} }}")
+        blocks.append("\n".join(lines) + "\n")
+    return "\n".join(blocks)
 
 
 def assign_gpu_sets(sites: Sequence[SiteSpec], first_gpu: int = 0) -> list[SiteSpec]:
@@ -496,6 +513,8 @@ class LocalNode:
     log_offset: int
     port: int
     ready: bool = False
+    known: list[psutil.Process] = field(default_factory=list)   # its family when it came up (psutil checks
+                                                                # a PID's start time: no PID-reuse mistakes)
 
 
 class LocalProvisioner:
@@ -576,7 +595,7 @@ class LocalProvisioner:
         deadline = time.monotonic() + timeout_s
         while True:
             if READY_MARKER in self._log_since(node):
-                node.ready = True
+                node.ready, node.known = True, family(process.pid)
                 return
             code = process.poll()
             if code is not None:
@@ -633,7 +652,10 @@ class LocalProvisioner:
             node = self.nodes.pop(site, None)
         if node is None:
             return
-        stop_processes(family(node.process.pid) or [], self.stop_timeout_s)
+        # its family now, and what it had started when it came up (children of a SuperNode that died are
+        # nobody's children anymore)
+        procs = {p.pid: p for p in [*node.known, *family(node.process.pid)] if alive(p)}
+        stop_processes(list(procs.values()), self.stop_timeout_s)
         try:
             node.process.wait(timeout=5)    # reap it: no zombie left behind
         except subprocess.TimeoutExpired:
@@ -687,6 +709,33 @@ def print_event(kind: str, fields: dict[str, Any]) -> None:
           flush=True)
 
 
+def follow_until_done(controller: ProvisionController, client: redis.Redis, run_id: str,
+                      exit_when_finished: bool) -> bool:
+    """Drive `controller` from the run's energy state until SIGTERM / Ctrl-C (or, with `exit_when_finished`,
+    until the energy simulation has finished); then close every site. True if all went down."""
+    from pilot.energy.events import EnergyEvents
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    follower = threading.Thread(target=follow_energy, args=(controller, client, run_id, stop), daemon=True)
+    follower.start()
+    events = EnergyEvents(client, run_id)
+    finished_said = False
+    try:
+        while not stop.wait(1.0):
+            clock = events.clock()
+            if clock is not None and clock.status == "finished" and not finished_said:
+                finished_said = True
+                print("the energy simulation finished: every window is closed", flush=True)
+                if exit_when_finished:
+                    break
+    except KeyboardInterrupt:
+        pass
+    stop.set()
+    follower.join(timeout=5)
+    return controller.close()
+
+
 def cmd_local(args: argparse.Namespace) -> int:
     sites = assign_gpu_sets(parse_sites(args.sites), args.first_gpu)
     if args.insecure == bool(args.root_certificates):
@@ -703,25 +752,24 @@ def cmd_local(args: argparse.Namespace) -> int:
     controller = ProvisionController(provisioner, [s.name for s in sites], on_event=print_event, policy=policy)
     for site in sites:
         print(f"site {site.name}: partition {site.partition_id}, CUDA_VISIBLE_DEVICES="
-              f"{','.join(map(str, site.gpu_ids)) or '(none: CPU)'}")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    follower = threading.Thread(target=follow_energy, args=(controller, client, args.run_id, stop), daemon=True)
-    follower.start()
-    from pilot.energy.events import EnergyEvents
-    events = EnergyEvents(client, args.run_id)
-    try:
-        while not stop.wait(1.0):
-            clock = events.clock()
-            if clock is not None and clock.status == "finished":
-                print("the energy simulation finished: closing every site")
-                break
-    except KeyboardInterrupt:
-        pass
-    stop.set()
-    follower.join(timeout=5)
-    done = controller.close()
+              f"{','.join(map(str, site.gpu_ids)) or '(none: CPU)'}, log {run_dir / 'provision'}/{site.name}.*")
+    done = follow_until_done(controller, client, args.run_id, exit_when_finished=True)
+    provisioner.close()   # whatever a failed close left behind
     coordination.release(client, run_dir)
+    return 0 if done else 1
+
+
+def cmd_kubernetes(args: argparse.Namespace) -> int:
+    from pilot import provision_kubernetes as k8s
+    sites = parse_sites(args.sites)
+    client = coordination.connect(args.redis_url or None, run_dir=args.run_dir, wait=True)
+    provisioner = k8s.KubernetesProvisioner(sites, args.namespace, kubeconfig=args.kubeconfig, context=args.context,
+                                            run_id=args.run_id, redis_client=client)
+    policy = RetryPolicy(open_timeout_s=args.open_timeout, backoff_base_s=args.backoff)
+    controller = ProvisionController(provisioner, [s.name for s in sites], on_event=print_event, policy=policy)
+    print(f"scaling {', '.join(k8s.statefulset_name(s) for s in sites)} in namespace {args.namespace} with the "
+          f"energy state of run {args.run_id}", flush=True)
+    done = follow_until_done(controller, client, args.run_id, exit_when_finished=args.exit_when_finished)
     return 0 if done else 1
 
 
@@ -777,6 +825,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory of the sites' private keys (file = site name), e.g. certs/sites")
     p.add_argument("--insecure", action="store_true", help="no TLS, no authentication: local development only")
     p.set_defaults(func=cmd_local)
+
+    p = sub.add_parser("kubernetes", help="scale the sites' SuperNode StatefulSets with the run's energy state "
+                                          "(kubectl: kubeconfig, or the pod's ServiceAccount in the cluster)")
+    p.add_argument("--sites", required=True, help=sites_help)
+    p.add_argument("--namespace", default="pilot")
+    p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: kubectl's own choice)")
+    p.add_argument("--context", default=None, help="kubeconfig context")
+    p.add_argument("--run-id", default=os.environ.get("PILOT_RUN_ID", "default"),
+                   help="run whose energy state opens and closes the sites")
+    p.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--redis-url", default=None,
+                   help=f"Redis of the run (default: ${coordination.REDIS_URL_ENV})")
+    p.add_argument("--open-timeout", type=float, default=OPEN_TIMEOUT_S,
+                   help="seconds a site's pod may take to be ready (image pull, GPU node scale-up)")
+    p.add_argument("--backoff", type=float, default=BACKOFF_BASE_S, help="first retry delay after a failure (s)")
+    p.add_argument("--exit-when-finished", action="store_true",
+                   help="exit once the energy simulation has finished (default: keep running, as a Deployment)")
+    p.set_defaults(func=cmd_kubernetes)
 
     p = sub.add_parser("render", help="render the Kubernetes manifests of a deployment (validated before written)")
     p.add_argument("--sites", required=True, help=sites_help)

@@ -12,8 +12,10 @@ What is rendered (namespace `pilot` by default; docs/provisioning.md has the com
                         the same path in every pod (a site trainer reads the shards the server names)
     pilot-redis         StatefulSet + Service: redis-server with its password from Secret pilot-redis
     pilot-superlink     Deployment + Service: the SuperLink (Fleet and Control API on 8000) and the ServerApp
-                        that it runs (weights server on 8470); ServiceAccount + Role to scale the sites
+                        that it runs (weights server on 8470)
     pilot-energy        Deployment: energy_simulation.py, publishing every site's curtailment to Redis
+    pilot-provisioner   Deployment (+ ServiceAccount, Role to scale StatefulSets, ConfigMap of the sites):
+                        `python -m pilot.provision kubernetes`, opening and closing sites with their windows
     pilot-site-NAME     StatefulSet (replicas 0 until the site's window opens) + headless Service: the site's
                         SuperNode with its nvidia.com/gpu request and node selector; its trainer runs in the pod
 
@@ -44,6 +46,7 @@ from pilot.provision import (
     SiteSpec,
     check_sites,
     drain_trainer,
+    sites_toml,
 )
 
 # ------------------------------------------------------------------ settings
@@ -56,6 +59,7 @@ MOUNT = "/var/lib/pilot"     # the shared volume, at the same path in every pod
 TLS_DIR = "/etc/pilot/tls"
 SITE_KEY_DIR = "/etc/pilot/site-key"
 SCENARIO_DIR = "/etc/pilot/scenario"
+SITES_DIR = "/etc/pilot/sites"
 PROJECT_DIR = "/opt/pilot"   # where the image has the project (deploy/kubernetes/Dockerfile)
 REDIS_IMAGE = "redis:7.2"
 KUBECTL_TIMEOUT_S = 30.0
@@ -69,6 +73,14 @@ class PlainDumper(yaml.SafeDumper):
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
+
+
+def _text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    """Multi-line strings (a ConfigMap's file) as literal blocks, readable as the file they are."""
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+PlainDumper.add_representer(str, _text)
 
 
 class ManifestError(ValueError):
@@ -172,19 +184,8 @@ def redis_manifests(cluster: ClusterConfig) -> list[dict[str, Any]]:
 
 
 def superlink_manifests(cluster: ClusterConfig) -> list[dict[str, Any]]:
-    """The SuperLink and the ServerApp it runs (Flower's subprocess isolation: same pod), which also runs
-    the provisioner (`kubectl scale` through the pod's ServiceAccount)."""
+    """The SuperLink and the ServerApp it runs (Flower's subprocess isolation: same pod)."""
     select = labels("superlink")
-    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta("pilot-server", cluster, "superlink")}
-    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-            "metadata": meta("pilot-provisioner", cluster, "superlink"),
-            "rules": [{"apiGroups": ["apps"], "resources": ["statefulsets", "statefulsets/scale"],
-                       "verbs": ["get", "list", "watch", "patch", "update"]},
-                      {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]}
-    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-               "metadata": meta("pilot-provisioner", cluster, "superlink"),
-               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pilot-provisioner"},
-               "subjects": [{"kind": "ServiceAccount", "name": "pilot-server", "namespace": cluster.namespace}]}
     service = {"apiVersion": "v1", "kind": "Service", "metadata": meta("pilot-superlink", cluster, "superlink"),
                "spec": {"selector": select, "ports": [
                    {"name": "flower", "port": SUPERLINK_PORT, "targetPort": SUPERLINK_PORT},
@@ -212,10 +213,9 @@ def superlink_manifests(cluster: ClusterConfig) -> list[dict[str, Any]]:
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta("pilot-superlink", cluster, "superlink"),
         "spec": {"replicas": 1, "strategy": {"type": "Recreate"}, "selector": {"matchLabels": select},
                  "template": {"metadata": {"labels": select},
-                              "spec": {"serviceAccountName": "pilot-server", "containers": [container],
-                                       "volumes": volumes}}},
+                              "spec": {"containers": [container], "volumes": volumes}}},
     }
-    return [account, role, binding, service, deployment]
+    return [service, deployment]
 
 
 def energy_manifests(cluster: ClusterConfig) -> list[dict[str, Any]]:
@@ -240,6 +240,40 @@ def energy_manifests(cluster: ClusterConfig) -> list[dict[str, Any]]:
                               "spec": {"containers": [container], "volumes": volumes}}},
     })
     return docs
+
+
+def provisioner_manifests(sites: Sequence[SiteSpec], cluster: ClusterConfig) -> list[dict[str, Any]]:
+    """The provisioning controller: follows the run's energy state in Redis and scales each site's
+    StatefulSet (`python -m pilot.provision kubernetes`), with only the rights that takes."""
+    select = labels("provisioner")
+    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta("pilot-provisioner", cluster, "provisioner")}
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": meta("pilot-provisioner", cluster, "provisioner"),
+            "rules": [{"apiGroups": ["apps"], "resources": ["statefulsets", "statefulsets/scale"],
+                       "verbs": ["get", "list", "watch", "patch", "update"]},
+                      {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]}
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": meta("pilot-provisioner", cluster, "provisioner"),
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pilot-provisioner"},
+               "subjects": [{"kind": "ServiceAccount", "name": "pilot-provisioner", "namespace": cluster.namespace}]}
+    config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta("pilot-sites", cluster, "provisioner"),
+              "data": {"sites.toml": sites_toml(sites)}}
+    container = {
+        "name": "provisioner", "image": cluster.image, "command": ["python", "-m", "pilot.provision"],
+        "args": ["kubernetes", "--sites", f"{SITES_DIR}/sites.toml", "--namespace", cluster.namespace,
+                 "--run-id", cluster.run_id],
+        "env": common_env(cluster), "workingDir": PROJECT_DIR,
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
+        "volumeMounts": [{"name": "sites", "mountPath": SITES_DIR, "readOnly": True}],
+    }
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta("pilot-provisioner", cluster, "provisioner"),
+        "spec": {"replicas": 1, "strategy": {"type": "Recreate"}, "selector": {"matchLabels": select},
+                 "template": {"metadata": {"labels": select},
+                              "spec": {"serviceAccountName": "pilot-provisioner", "containers": [container],
+                                       "volumes": [{"name": "sites", "configMap": {"name": "pilot-sites"}}]}}},
+    }
+    return [account, role, binding, config, deployment]
 
 
 def site_manifests(site: SiteSpec, cluster: ClusterConfig) -> list[dict[str, Any]]:
@@ -295,7 +329,7 @@ def render_manifests(sites: Sequence[SiteSpec], cluster: ClusterConfig) -> dict[
     sites = check_sites(list(sites), "render")
     files = {"00-namespace.yaml": [namespace(cluster)], "10-storage.yaml": [shared_claim(cluster)],
              "20-redis.yaml": redis_manifests(cluster), "30-superlink.yaml": superlink_manifests(cluster),
-             "40-energy.yaml": energy_manifests(cluster)}
+             "40-energy.yaml": energy_manifests(cluster), "45-provisioner.yaml": provisioner_manifests(sites, cluster)}
     for site in sites:
         files[f"50-site-{site.k8s_name}.yaml"] = site_manifests(site, cluster)
     return files

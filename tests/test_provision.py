@@ -113,6 +113,9 @@ def test_site_lists_parse_and_bad_ones_say_what_is_wrong(tmp_path):
     explicit = [SiteSpec("a", 0, 2, (0, 1)), SiteSpec("b", 1, 2), SiteSpec("c", 2, 1)]
     assert [s.gpu_ids for s in assign_gpu_sets(explicit)] == [(0, 1), (2, 3), (4,)]
     assert [s.k8s_name for s in parse_sites(str(SITES_FILE))] == ["client-0", "client-1", "client-2"]
+    odd = [SiteSpec("a-1", 3, 2, (5, 7), {"zone": 'x"y', "k8s.io/gpu": "H100"}), SiteSpec("b", 0)]
+    (tmp_path / "round-trip.toml").write_text(provision.sites_toml(odd))
+    assert provision.load_sites(tmp_path / "round-trip.toml") == odd
 
     bad = {
         "client 0": "name must be",                       # not a node-config / Kubernetes name
@@ -195,6 +198,16 @@ def test_rendered_manifests_validate_and_are_the_committed_ones(tmp_path):
     assert docs[("Deployment", "pilot-energy")]["spec"]["template"]["spec"]["containers"][0]["args"][0].endswith(
         "energy_simulation.py")
     assert not any(d["kind"] == "Secret" for d in docs.values())   # secrets are made by the user, never rendered
+    # the provisioner's pod reads the very sites it was rendered from
+    shipped = tmp_path / "shipped-sites.toml"
+    shipped.write_text(docs[("ConfigMap", "pilot-sites")]["data"]["sites.toml"])
+    assert provision.load_sites(shipped) == sites
+    controller = docs[("Deployment", "pilot-provisioner")]["spec"]["template"]["spec"]
+    assert controller["serviceAccountName"] == "pilot-provisioner"
+    assert controller["containers"][0]["args"][:3] == ["kubernetes", "--sites", "/etc/pilot/sites/sites.toml"]
+    rules = docs[("Role", "pilot-provisioner")]["rules"]
+    assert {r for rule in rules for r in rule["resources"]} == {"statefulsets", "statefulsets/scale", "pods"}
+    assert not {"create", "delete", "*"} & {v for rule in rules for v in rule["verbs"]}   # scaling rights only
 
     insecure = k8s.render_manifests(sites[:1], k8s.ClusterConfig(secure=False, scenario=str(
         PROJECT_ROOT / "pilot" / "energy" / "data" / "default_scenario.toml"), storage_class="nfs"))
@@ -293,7 +306,8 @@ def supernodes_of(address: str) -> list[psutil.Process]:
 
 def test_a_failing_site_is_retried_with_backoff_while_the_others_come_up(superlink, tmp_path):
     """client_0's SuperNode binary exits at once (as one does on a host whose GPU driver is broken):
-    retried with back-off and reported, while client_1 comes up beside it."""
+    retried with back-off and reported, while client_1 comes up beside it; client_1's SuperNode then
+    dies and is opened again."""
     address, env = superlink
     wrapper = tmp_path / "bin" / "site-supernode"
     wrapper.parent.mkdir()
@@ -304,7 +318,8 @@ def test_a_failing_site_is_retried_with_backoff_while_the_others_come_up(superli
                             supernode=[str(wrapper)], env=env)
     events = Recorder()
     controller = ProvisionController(prov, ["client_0", "client_1"], on_event=events,
-                                     policy=RetryPolicy(open_timeout_s=30, backoff_base_s=0.3, backoff_max_s=1.0))
+                                     policy=RetryPolicy(open_timeout_s=30, backoff_base_s=0.3, backoff_max_s=1.0,
+                                                        health_interval_s=0.5))
     try:
         deadline = time.monotonic() + 40
         while len(events.of("provision-failed", "client_0")) < 3 or not events.of("provision-done", "client_1"):
@@ -323,11 +338,22 @@ def test_a_failing_site_is_retried_with_backoff_while_the_others_come_up(superli
         attempts = len(events.of("provision-start", "client_0"))
         time.sleep(1.0)
         assert len(events.of("provision-start", "client_0")) == attempts
+
+        # client_1's SuperNode dies inside its window: the health check notices, and it is opened again
+        first = prov.pids("client_1")
+        assert first and not any(gone(p) for p in first)
+        psutil.Process(prov.nodes["client_1"].process.pid).kill()
+        deadline = time.monotonic() + 40
+        while len(events.of("provision-done", "client_1")) < 2:
+            assert time.monotonic() < deadline, events.events
+            controller.reconcile({"client_1"})
+            time.sleep(0.05)
+        assert events.of("provision-lost", "client_1") and prov.status("client_1") == "up"
         pids = prov.pids("client_1")
-        assert pids and not any(gone(p) for p in pids)
+        assert prov.nodes["client_1"].process.pid not in first
     finally:
         assert controller.close(timeout_s=30)
-    assert all(gone(p) for p in pids)
+    assert all(gone(p) for p in first + pids)
     assert not supernodes_of(address)
 
 
