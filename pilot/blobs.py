@@ -17,6 +17,9 @@ A connection lost mid-fetch is resumed with an HTTP Range request from the byte 
 again from the start when the server cannot resume); the SHA-256 always covers the whole blob. A blob that
 hashes wrong is fetched once more, then refused (BlobCorrupt). TLS: give BlobServer a server SSLContext
 and the clients one that trusts its CA (ssl.create_default_context(cafile=...)).
+
+fetch_url and put_blob speak plain GET (with Range) and PUT to any URL, so an S3-compatible object store's
+presigned URLs can stand in for the BlobServer (docs/data_plane.md).
 """
 
 from __future__ import annotations
@@ -326,7 +329,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # the run's own log says what matters; per-request lines would drown it
 
     def _digest(self) -> str | None:
-        match = re.fullmatch(r"/blobs/([0-9a-f]{64})", self.path)
+        match = re.fullmatch(r"/blobs/([0-9a-f]{64})", urlsplit(self.path).path)  # a query string is ignored
         return match.group(1) if match else None
 
     def _authorised(self) -> bool:
@@ -388,6 +391,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.store.add(blob)
         self._reply(201, blob.digest)
 
+    def do_PUT(self) -> None:  # noqa: N802 - stdlib name
+        """PUT /blobs/<sha256>: the address names the content, so what arrives must hash to it."""
+        if not self._authorised():
+            return
+        digest, length = self._digest(), self.headers.get("Content-Length")
+        if digest is None or length is None:
+            return self._reply(400, "expected PUT /blobs/<sha256> with a Content-Length")
+        try:
+            blob = read_blob(self.rfile, int(length), expected=digest, allocate=self.server.store.allocate)
+        except BlobError as error:
+            self.close_connection = True
+            return self._reply(422, str(error))
+        self.server.store.add(blob)
+        self._reply(201, blob.digest)
+
 
 class _BlobHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
@@ -417,7 +435,8 @@ class _BlobHTTPServer(ThreadingHTTPServer):
 
 
 class BlobServer:
-    """Serves a BlobStore: GET /blobs/<sha256> (with Range), POST /blobs, bearer-token auth, optional TLS.
+    """Serves a BlobStore: GET /blobs/<sha256> (with Range), POST /blobs, PUT /blobs/<sha256> (checked
+    against that digest), bearer-token auth, optional TLS.
 
     `ssl_context`: a server context holding the certificate, e.g.
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH); ctx.load_cert_chain(cert_pem, key_pem).
@@ -489,7 +508,7 @@ def _auth(token: str) -> dict[str, str]:
 
 
 class _ResumingBody:
-    """The body of GET /blobs/<digest> as a stream that reconnects where it stopped if the connection drops.
+    """The body of a GET as a stream that reconnects where it stopped if the connection drops.
 
     A resumed request asks for `Range: bytes=<received>-` and must get exactly that (206 with the matching
     Content-Range); a server that answers 200 instead sends the blob from byte 0, and the bytes already
@@ -497,9 +516,10 @@ class _ResumingBody:
     after MAX_RESUMES reconnections in a row that brought no new byte.
     """
 
-    def __init__(self, base_url: str, digest: str, token: str, ssl_context: ssl.SSLContext | None):
-        self.base_url, self.digest, self.token, self.ssl_context = base_url, digest, token, ssl_context
-        self.url = f"{base_url}/blobs/{digest}"
+    def __init__(self, url: str, token: str, ssl_context: ssl.SSLContext | None):
+        self.url, self.token, self.ssl_context = url, token, ssl_context
+        parts = urlsplit(url)
+        self.target = parts.path + (f"?{parts.query}" if parts.query else "")
         self.received = 0      # bytes handed to the reader
         self.length = -1       # the blob's size, from the first response
         self.stalls = 0        # reconnections in a row without progress
@@ -532,11 +552,11 @@ class _ResumingBody:
     def _open(self) -> None:
         self.close()
         self._opened_at = self.received
-        self._conn = _new_connection(self.base_url, self.ssl_context)
+        self._conn = _new_connection(self.url, self.ssl_context)
         headers = _auth(self.token)
         if self.received:
             headers["Range"] = f"bytes={self.received}-"
-        self._conn.request("GET", f"/blobs/{self.digest}", headers=headers)
+        self._conn.request("GET", self.target, headers=headers)
         response = self._response = self._conn.getresponse()
         if response.status not in (200, 206):
             raise BlobError(f"GET {self.url}: {response.status} {response.read().decode(errors='replace').strip()}")
@@ -581,16 +601,25 @@ class _ResumingBody:
 
 def fetch_blob(base_url: str, digest: str, token: str = "", into: Mapping[str, torch.Tensor] | None = None,
                ssl_context: ssl.SSLContext | None = None) -> TensorBlob:
-    """Download a blob straight into tensors (`into`, or new ones), verified against its digest.
+    """Download blob `digest` from a BlobServer at `base_url` straight into tensors (`into`, or new ones),
+    verified against its digest. See fetch_url."""
+    return fetch_url(f"{base_url.rstrip('/')}/blobs/{digest}", digest, token, into, ssl_context)
 
-    A dropped connection is resumed (given up after MAX_RESUMES tries in a row without progress); a blob that hashes wrong is fetched once
-    more and then refused with BlobCorrupt. On any BlobError the `into` tensors hold partial or wrong
-    bytes: fetch into a staging buffer, not the live model, and use it only when this returns.
+
+def fetch_url(url: str, digest: str, token: str = "", into: Mapping[str, torch.Tensor] | None = None,
+              ssl_context: ssl.SSLContext | None = None) -> TensorBlob:
+    """Download a safetensors blob from any HTTP(S) URL that serves it (a BlobServer, or an object store's
+    presigned GET URL, token=""), straight into tensors, verified against `digest`.
+
+    A dropped connection is resumed (given up after MAX_RESUMES tries in a row without progress); a blob
+    that hashes wrong is fetched once more and then refused with BlobCorrupt. On any BlobError the `into`
+    tensors hold partial or wrong bytes: fetch into a staging buffer, not the live model, and use it only
+    when this returns.
     """
     for attempt in (1, 2):
         try:
-            with _network_errors(base_url):
-                body = _ResumingBody(base_url, digest, token, ssl_context)
+            with _network_errors(url):
+                body = _ResumingBody(url, token, ssl_context)
                 try:
                     return read_blob(body, body.length, expected=digest, into=into)
                 finally:
@@ -598,6 +627,31 @@ def fetch_blob(base_url: str, digest: str, token: str = "", into: Mapping[str, t
         except BlobCorrupt:
             if attempt == 2:
                 raise
+    raise AssertionError("unreachable")
+
+
+def put_blob(url: str, blob: TensorBlob, token: str = "", ssl_context: ssl.SSLContext | None = None) -> str:
+    """PUT a blob to any HTTP(S) URL (a BlobServer's /blobs/<sha256>, which checks the bytes against that
+    digest, or an object store's presigned PUT URL, token=""), hashing it on the way; returns its digest,
+    for the control message. A dropped connection is tried once more from the start."""
+    parts = urlsplit(url)
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    for attempt in (1, 2):
+        digest = hashlib.sha256()
+        try:
+            with _connection(url, ssl_context) as conn:
+                conn.request("PUT", target, body=_hashed_chunks(blob, digest), headers={**_auth(token), "Content-Length": str(blob.size),
+                                                                 "Content-Type": "application/octet-stream"})
+                response = conn.getresponse()
+                text = response.read().decode(errors="replace").strip()
+        except BlobError as error:
+            if attempt == 2 or isinstance(error.__cause__, ssl.SSLCertVerificationError):
+                raise
+            continue
+        if not 200 <= response.status < 300:
+            raise BlobError(f"PUT {url}: {response.status} {text[:500]}")
+        blob._digest = digest.hexdigest()
+        return blob._digest
     raise AssertionError("unreachable")
 
 
@@ -620,17 +674,18 @@ class _UploadFailed(BlobError):
     """An upload that may succeed when tried again (the connection broke, or bytes changed on the way)."""
 
 
+def _hashed_chunks(blob: TensorBlob, digest: hashlib._Hash) -> Iterator[memoryview]:
+    """The blob's bytes, each also fed to `digest` as it goes out."""
+    for chunk in blob.chunks():
+        digest.update(chunk)
+        yield chunk
+
+
 def _upload_once(base_url: str, blob: TensorBlob, token: str, ssl_context: ssl.SSLContext | None) -> str:
     digest = hashlib.sha256()
-
-    def body() -> Iterator[memoryview]:
-        for chunk in blob.chunks():
-            digest.update(chunk)
-            yield chunk
-
     try:
         with _connection(base_url, ssl_context) as conn:
-            conn.request("POST", "/blobs", body=body(),
+            conn.request("POST", "/blobs", body=_hashed_chunks(blob, digest),
                          headers={**_auth(token), "Content-Length": str(blob.size),
                                   "Content-Type": "application/octet-stream"})
             response = conn.getresponse()

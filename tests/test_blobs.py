@@ -25,7 +25,9 @@ from pilot.blobs import (
     TensorBlob,
     byte_range,
     fetch_blob,
+    fetch_url,
     load_tensors,
+    put_blob,
     read_blob,
     read_metadata,
     save_file,
@@ -174,6 +176,26 @@ def test_range_requests_over_http():
         assert (status, body, headers["Content-Range"]) == (416, b"", f"bytes */{len(raw)}")
         status, _, body = get(server.url, digest, {**auth, "Range": "bytes=0-1,4-5"})
         assert (status, body) == (200, raw)
+
+
+def test_put_and_fetch_by_url_as_an_object_store_would_be_used():
+    """Presigned-URL style: full URLs with a query string, no bearer token; a PUT to /blobs/<sha256> must
+    carry exactly the bytes that hash to it."""
+    store = BlobStore()
+    update = TensorBlob(big_tensors(), {"payload": "delta-bf16"})
+    with BlobServer(store) as server:
+        signed = f"{server.url}/blobs/{update.digest}?X-Amz-Signature=abc&X-Amz-Expires=600"
+        assert put_blob(signed, update) == update.digest and update.digest in store
+        staging = {k: torch.zeros_like(v) for k, v in update.tensors.items()}
+        got = fetch_url(signed, update.digest, into=staging)
+        assert got.metadata == {"payload": "delta-bf16"}
+        assert_same(staging, update.tensors)
+        not_its_digest = hashlib.sha256(b"another blob").hexdigest()
+        with pytest.raises(BlobError, match="422 blob corrupt"):
+            put_blob(f"{server.url}/blobs/{not_its_digest}", TensorBlob({"x": torch.ones(4)}))
+        with pytest.raises(BlobError, match="404"):
+            fetch_url(f"{server.url}/elsewhere/{update.digest}", update.digest)
+    assert list(store._blobs) == [update.digest]
 
 
 # ------------------------------------------------------------------ a network that misbehaves
