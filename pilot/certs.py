@@ -7,7 +7,10 @@ openssl command needed):
     DIR/superlink.crt, superlink.key   the SuperLink's TLS certificate (SANs: --superlink-host)
     DIR/redis.crt, redis.key           redis-server's TLS certificate (SANs: --redis-host)
     DIR/blob.crt, blob.key             the ServerApp's weights server (SANs: the SuperLink hosts)
-    DIR/redis-password                 the password of the Redis server (and of its `default` user)
+    DIR/redis-password                 the password of Redis's `default` user: the administrator's
+    DIR/redis-users.acl                redis-server's ACL file (--aclfile): the default user and one user per role
+                                       (server, energy, site-NAME), passwords only as SHA-256 hashes
+    DIR/redis-passwords/ROLE           each role's password: a host gets only its own role's
     DIR/sites/NAME, NAME.pub           one ECDSA P-384 key pair per site (OpenSSH format), with which the
                                        site's SuperNode authenticates to the SuperLink
 
@@ -23,6 +26,7 @@ only admits SuperNodes whose public key was registered with it (`--enable-supern
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import os
 import secrets
@@ -46,6 +50,12 @@ DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 DEFAULT_SITES = ("client_0", "client_1", "client_2")
 ORGANIZATION = "Pilot deployment"
 PRIVATE_MODE = 0o600
+# Redis users of the roles (server, energy, site-NAME): the run's keys and channels only, no administration
+# (CONFIG, SHUTDOWN, FLUSHALL, DEBUG, MODULE, KEYS, ...) and no scripts. A leaked site password can then
+# neither reconfigure Redis nor touch data outside Pilot's keys, and each role can be revoked alone.
+ROLE_ACL = "~pilot:* &pilot:* +@all -@dangerous -@admin -@scripting"
+ADMIN_ACL = "~* &* +@all"
+RESERVED_SITE_NAMES = ("default", "server", "energy")
 PUBLIC_MODE = 0o644
 
 
@@ -66,6 +76,18 @@ def check_site_names(sites: list[str]) -> None:
     for site in sites:
         if not site.replace("_", "").replace("-", "").isalnum():
             raise CertsError(f"site name {site!r}: use letters, digits, '_' and '-' only (it names key files)")
+        if site in RESERVED_SITE_NAMES:
+            raise CertsError(f"site name {site!r} is reserved (Redis users {', '.join(RESERVED_SITE_NAMES)})")
+
+
+def redis_roles(sites: list[str]) -> list[str]:
+    """The Redis users of a deployment besides `default`: the server, the energy simulation, each site."""
+    return ["server", "energy", *(f"site-{site}" for site in sites)]
+
+
+def acl_user(name: str, password: str, rules: str) -> str:
+    """One line of a Redis ACL file; the password only as its SHA-256 hash."""
+    return f"user {name} on #{hashlib.sha256(password.encode()).hexdigest()} {rules}"
 
 
 def subject_alt_names(hosts: list[str]) -> list[x509.GeneralName]:
@@ -166,6 +188,9 @@ class Bundle:
     def redis_password_file(self) -> Path:
         return self.path("redis-password")
 
+    def role_password_file(self, role: str) -> Path:
+        return self.out / "redis-passwords" / role
+
     def site_private_key(self, site: str) -> Path:
         return self.out / "sites" / site
 
@@ -190,7 +215,14 @@ def render(out: Path, superlink_hosts: list[str], redis_hosts: list[str], sites:
         key, cert = make_server_cert(ca_key, ca_cert, f"Pilot {name}", hosts)
         files[bundle.path(f"{name}.key")] = (_pem_key(key), PRIVATE_MODE)
         files[bundle.path(f"{name}.crt")] = (_pem_cert(cert), PUBLIC_MODE)
-    files[bundle.redis_password_file] = (secrets.token_urlsafe(32).encode() + b"\n", PRIVATE_MODE)
+    admin = secrets.token_urlsafe(32)
+    files[bundle.redis_password_file] = (admin.encode() + b"\n", PRIVATE_MODE)
+    acl = [acl_user("default", admin, ADMIN_ACL)]
+    for role in redis_roles(sites):
+        password = secrets.token_urlsafe(32)
+        files[bundle.role_password_file(role)] = (password.encode() + b"\n", PRIVATE_MODE)
+        acl.append(acl_user(role, password, ROLE_ACL))
+    files[bundle.path("redis-users.acl")] = ("\n".join(acl).encode() + b"\n", PRIVATE_MODE)
     for site in sites:
         private, public = site_key_pair(site)
         files[bundle.site_private_key(site)] = (private, PRIVATE_MODE)
@@ -229,24 +261,32 @@ def connection_toml(name: str, address: str, ca: Path) -> str:
     return f'[superlink.{name}]\naddress = "{address}"\nroot-certificates = "{Path(ca).resolve()}"\n'
 
 
+def role_redis_url(role: str, redis_host: str, ca: Path, port: int = 6380) -> str:
+    """The Redis URL of a role: TLS, the deployment's CA, the role's user name and no password (that comes
+    from $PILOT_REDIS_PASSWORD_FILE), so the URL itself is no secret."""
+    return f"rediss://{role}@{redis_host}:{port}/0?ssl_ca_certs={Path(ca).resolve()}"
+
+
 def next_steps(bundle: Bundle, superlink_host: str, redis_host: str, connection: str = "secure-deployment") -> str:
     """The commands that use the bundle, printed after `pilot certs` (docs/deployment.md has the long form)."""
     d = shlex.quote(str(bundle.out))
     q = lambda name: shlex.quote(str(bundle.path(name)))  # noqa: E731
     lines = [
-        f"Keys and certificates are in {bundle.out} (private keys and redis-password are 0600: keep them so).",
-        "Copy to each host only what it needs: ca.crt everywhere; superlink.* and blob.* to the SuperLink host;",
-        "redis.* to the Redis host; sites/NAME (the private key) only to that site's host.",
+        f"Keys and certificates are in {bundle.out} (private keys and passwords are 0600: keep them so).",
+        "Copy to each host only what it needs: ca.crt everywhere; superlink.*, blob.* and redis-passwords/server to",
+        "the server host; redis.* and redis-users.acl to the Redis host; redis-passwords/energy to the energy",
+        "simulation's host; sites/NAME and redis-passwords/site-NAME only to that site's host.",
         "",
-        "1. Redis with TLS and a password (the Redis host); the password goes in through stdin, not the process list:",
-        f"   echo \"requirepass $(cat {q('redis-password')})\" | redis-server - --port 0 --tls-port 6380 "
-        f"--bind 0.0.0.0 --tls-cert-file {q('redis.crt')} --tls-key-file {q('redis.key')} "
-        f"--tls-ca-cert-file {q('ca.crt')} --tls-auth-clients no",
-        "   every Pilot process finds it through its environment (never through committed config):",
-        f"   export PILOT_REDIS_URL=\"rediss://{redis_host}:6380/0?ssl_ca_certs={bundle.ca}\"",
-        f"   export PILOT_REDIS_PASSWORD_FILE={q('redis-password')}",
+        "1. Redis with TLS and one user per role (the Redis host):",
+        f"   redis-server --port 0 --tls-port 6380 --bind 0.0.0.0 --tls-cert-file {q('redis.crt')} "
+        f"--tls-key-file {q('redis.key')} --tls-ca-cert-file {q('ca.crt')} --tls-auth-clients no "
+        f"--aclfile {q('redis-users.acl')}",
+        "   every Pilot process finds it through its environment (never through committed config), as its role:",
+        f"   export PILOT_REDIS_URL=\"{role_redis_url('ROLE', redis_host, bundle.ca)}\"",
+        f"   export PILOT_REDIS_PASSWORD_FILE={shlex.quote(str(bundle.out / 'redis-passwords'))}/ROLE",
+        "   (ROLE: server on the SuperLink host, energy for energy_simulation.py, site-NAME at each site)",
         "",
-        "2. The SuperLink with TLS and SuperNode authentication (the server host, PILOT_REDIS_URL set):",
+        "2. The SuperLink with TLS and SuperNode authentication (the server host, role server):",
         f"   flower-superlink --ssl-ca-certfile {q('ca.crt')} --ssl-certfile {q('superlink.crt')} "
         f"--ssl-keyfile {q('superlink.key')} --enable-supernode-auth --host 0.0.0.0 --port 8000",
         "",
@@ -255,13 +295,14 @@ def next_steps(bundle: Bundle, superlink_host: str, redis_host: str, connection:
         *("   " + line for line in connection_toml(connection, f"{superlink_host}:8000", bundle.ca).splitlines()),
         f"   pilot certs register --out {d} --connection {connection}",
         "",
-        "4. One SuperNode per site (each on its own host, PILOT_REDIS_URL set):",
+        "4. One SuperNode per site (each on its own host, role site-NAME; its redis-url wins over the server's):",
     ]
     for index, site in enumerate(bundle.sites or bundle.registered_sites()):
         lines.append(
             f"   flower-supernode --superlink {superlink_host}:8000 --root-certificates {q('ca.crt')} "
             f"--auth-supernode-private-key {shlex.quote(str(bundle.site_private_key(site)))} "
-            f"--node-config 'name=\"{site}\" partition-id={index}'")
+            f"--node-config 'name=\"{site}\" partition-id={index} "
+            f"redis-url=\"{role_redis_url(f'site-{site}', redis_host, bundle.ca)}\"'")
     lines += ["", f"5. The run:  flwr run . {connection} --stream", ""]
     return "\n".join(lines)
 

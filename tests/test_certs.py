@@ -33,7 +33,9 @@ def load_cert(path: Path) -> x509.Certificate:
 
 
 def test_private_files_are_private_and_public_ones_readable(bundle):
-    private = ["ca.key", "superlink.key", "redis.key", "blob.key", "redis-password", "sites/client_0", "sites/client_1"]
+    roles = ["server", "energy", "site-client_0", "site-client_1"]
+    private = ["ca.key", "superlink.key", "redis.key", "blob.key", "redis-password", "redis-users.acl",
+               "sites/client_0", "sites/client_1", *(f"redis-passwords/{role}" for role in roles)]
     public = ["ca.crt", "superlink.crt", "redis.crt", "blob.crt", "sites/client_0.pub", "sites/client_1.pub"]
     for name in private:
         assert stat.S_IMODE((bundle.out / name).stat().st_mode) == 0o600, name
@@ -41,7 +43,11 @@ def test_private_files_are_private_and_public_ones_readable(bundle):
         assert stat.S_IMODE((bundle.out / name).stat().st_mode) == 0o644, name
     assert sorted(p.relative_to(bundle.out).as_posix() for p in bundle.out.rglob("*") if p.is_file()) == \
         sorted(private + public), "nothing else (no temporary files) is left behind"
-    assert len((bundle.out / "redis-password").read_text().strip()) >= 40
+    passwords = [(bundle.out / name).read_text().strip() for name in private if "password" in name]
+    assert len(set(passwords)) == len(passwords) == 5 and min(map(len, passwords)) >= 40
+    acl = (bundle.out / "redis-users.acl").read_text()
+    assert [line.split()[1] for line in acl.splitlines()] == ["default", *roles]
+    assert not [pw for pw in passwords if pw in acl], "the ACL file holds hashes, never a password"
 
 
 def test_server_certificates_are_signed_by_the_ca_for_their_hosts(bundle):
@@ -133,6 +139,8 @@ def test_bad_input_is_reported():
         certs.parse_list(" , ", "sites")
     with pytest.raises(certs.CertsError, match="site name '../x'"):
         certs.check_site_names(["client_0", "../x"])
+    with pytest.raises(certs.CertsError, match="reserved"):
+        certs.check_site_names(["server"])
     with pytest.raises(certs.CertsError, match="no site public keys"):
         certs.register(certs.Bundle(Path("/nonexistent-pilot-certs")), "secure-deployment")
 
@@ -142,15 +150,17 @@ def test_the_command_prints_every_next_step_and_refuses_a_second_run(tmp_path, c
     assert main(["certs", "--out", str(out), "--superlink-host", "link.example.org", "--redis-host",
                  "redis.example.org", "--sites", "client_0,client_1,client_2"]) == 0
     text = capsys.readouterr().out
-    assert "--tls-port 6380" in text and "requirepass" in text and "rediss://redis.example.org:6380/0" in text
-    assert f"PILOT_REDIS_PASSWORD_FILE={out / 'redis-password'}" in text
+    assert "--tls-port 6380" in text and f"--aclfile {out / 'redis-users.acl'}" in text
+    assert f'rediss://ROLE@redis.example.org:6380/0?ssl_ca_certs={out / "ca.crt"}' in text
+    assert f"PILOT_REDIS_PASSWORD_FILE={out / 'redis-passwords'}/ROLE" in text
     assert "--enable-supernode-auth" in text and f"--ssl-certfile {out / 'superlink.crt'}" in text
     assert 'address = "link.example.org:8000"' in text and f'root-certificates = "{out / "ca.crt"}"' in text
     assert f"pilot certs register --out {out}" in text
     for i, site in enumerate(["client_0", "client_1", "client_2"]):
         assert f"--auth-supernode-private-key {out / 'sites' / site} --node-config 'name=\"{site}\" " \
-               f"partition-id={i}'" in text
+               f"partition-id={i} redis-url=\"rediss://site-{site}@redis.example.org:6380/0" in text
     assert "--insecure" not in text
-    assert (out / "redis-password").read_text().strip() not in text, "the password itself is never printed"
+    for password in [out / "redis-password", *(out / "redis-passwords").iterdir()]:
+        assert password.read_text().strip() not in text, "a password itself is never printed"
     assert main(["certs", "--out", str(out)]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err

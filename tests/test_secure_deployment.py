@@ -1,7 +1,7 @@
 """A secure deployment on loopback, every part real: `pilot certs` makes the CA, certificates, Redis password
 and site keys; redis-server 7 speaks only TLS and wants the password; the SuperLink speaks only TLS and admits
 only registered SuperNodes. Two registered SuperNodes run a federated job through the curtailment loop, every
-Pilot process on the TLS Redis with its password read from a file. Strangers are refused: a SuperNode whose
+Pilot process on the TLS Redis as the user of its role, its password read from a file. Strangers are refused: a SuperNode whose
 key is not registered, one without a key, one without TLS, one and a `flwr` CLI without the CA, Redis clients
 without the password, without TLS or without the CA. Every process started here is gone at the end (checked
 by PID)."""
@@ -86,29 +86,24 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def redis_url(port: int, password: str | None, ca: Path | None, scheme: str = "rediss") -> str:
-    auth = f":{quote(password, safe='')}@" if password is not None else ""
+def redis_url(port: int, password: str | None, ca: Path | None, scheme: str = "rediss", user: str = "") -> str:
+    auth = f"{user}:{quote(password, safe='')}@" if password is not None else f"{user}@" if user else ""
     query = f"?ssl_ca_certs={ca}" if ca is not None else ""
     return f"{scheme}://{auth}127.0.0.1:{port}/0{query}"
 
 
 @pytest.fixture(scope="module")
 def tls_redis(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """redis-server 7 on a free port: TLS only (no plain port), password from the bundle. Yields the port."""
+    """redis-server 7 on a free port as `pilot certs` says: TLS only (no plain port), the users of its ACL file
+    (the administrator `default` and one per role). Yields the port."""
     port = free_port()
-    data = tmp_path_factory.mktemp("tls-redis")
-    password = (bundle / "redis-password").read_text().strip()
-    config = "\n".join([
-        "bind 127.0.0.1", "port 0", f"tls-port {port}", f"tls-cert-file {bundle / 'redis.crt'}",
-        f"tls-key-file {bundle / 'redis.key'}", f"tls-ca-cert-file {bundle / 'ca.crt'}", "tls-auth-clients no",
-        f"requirepass {password}", f"dir {data}", 'save ""', "appendonly no"]) + "\n"
-    # the configuration (and so the password) goes through stdin, not the process list
-    server = subprocess.Popen([system_redis_server(), "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT)
-    assert server.stdin is not None
-    server.stdin.write(config.encode())
-    server.stdin.close()
-    url = redis_url(port, password, bundle / "ca.crt")
+    server = subprocess.Popen(
+        [system_redis_server(), "--bind", "127.0.0.1", "--port", "0", "--tls-port", str(port),
+         "--tls-cert-file", str(bundle / "redis.crt"), "--tls-key-file", str(bundle / "redis.key"),
+         "--tls-ca-cert-file", str(bundle / "ca.crt"), "--tls-auth-clients", "no",
+         "--aclfile", str(bundle / "redis-users.acl"), "--dir", str(tmp_path_factory.mktemp("tls-redis")),
+         "--save", "", "--appendonly", "no"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = redis_url(port, (bundle / "redis-password").read_text().strip(), bundle / "ca.crt")
     deadline = time.monotonic() + 10
     while True:
         try:
@@ -122,13 +117,18 @@ def tls_redis(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     stop([psutil.Process(server.pid)])
 
 
+def role_url(bundle: Path, port: int, role: str) -> str:
+    """A role's URL as `pilot certs` prints it: user name, TLS, CA, no password (that is in a file)."""
+    return redis_url(port, None, bundle / "ca.crt", user=role)
+
+
 # ------------------------------------------------------------------ Redis
 def test_redis_wants_tls_the_ca_and_the_password(bundle, tls_redis):
     ca = bundle / "ca.crt"
     password = (bundle / "redis-password").read_text().strip()
     client = connect(redis_url(tls_redis, password, ca))
-    client.set("pilot:secure:probe", "ok")
-    assert client.get("pilot:secure:probe") == "ok"
+    client.set("pilot:tls-probe:key", "ok")
+    assert client.get("pilot:tls-probe:key") == "ok"
     client.close()
 
     refusals = {
@@ -144,16 +144,25 @@ def test_redis_wants_tls_the_ca_and_the_password(bundle, tls_redis):
         assert password not in str(error.value), "an error message must never show the password"
 
 
-def test_the_password_can_come_from_a_file(bundle, tls_redis, monkeypatch, tmp_path):
-    """PILOT_REDIS_PASSWORD_FILE: the URL then holds no secret (it travels in run config and Flower messages)."""
-    url = redis_url(tls_redis, None, bundle / "ca.crt")
-    monkeypatch.setenv("PILOT_REDIS_PASSWORD_FILE", str(bundle / "redis-password"))
-    client = connect(url)
-    assert client.ping()
+def test_each_role_has_a_user_of_its_own_that_only_reaches_pilot_keys(bundle, tls_redis, monkeypatch, tmp_path):
+    """A role's URL holds no secret (it can travel in run config and Flower messages): the password comes
+    from PILOT_REDIS_PASSWORD_FILE. The role may use the run's keys, and nothing else."""
+    site = role_url(bundle, tls_redis, "site-client_0")
+    monkeypatch.setenv("PILOT_REDIS_PASSWORD_FILE", str(bundle / "redis-passwords" / "site-client_0"))
+    client = connect(site)
+    client.xadd("pilot:acl-probe:site:client_0:outbox", {"result": "{}"})
+    assert client.xlen("pilot:acl-probe:site:client_0:outbox") == 1
+    for forbidden in (lambda: client.get("other:key"), lambda: client.config_get("dir"), client.flushall,
+                      lambda: client.keys("*"), client.shutdown):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            forbidden()
     client.close()
+    monkeypatch.setenv("PILOT_REDIS_PASSWORD_FILE", str(bundle / "redis-passwords" / "energy"))
+    with pytest.raises(RedisUnavailable, match="refused the password"):
+        connect(site)  # another role's password
     monkeypatch.setenv("PILOT_REDIS_PASSWORD_FILE", str(tmp_path / "missing"))
     with pytest.raises(RedisUnavailable, match="Cannot read the Redis password file"):
-        connect(url)
+        connect(site)
 
 
 def test_plain_redis_refuses_a_client_without_the_password(redis_server):
@@ -164,8 +173,6 @@ def test_plain_redis_refuses_a_client_without_the_password(redis_server):
 # ------------------------------------------------------------------ Flower
 def test_secure_federation_admits_only_registered_nodes(tmp_path, bundle, tls_redis, text_shards, tiny_tokenizer):
     ca, run_dir, run_id = bundle / "ca.crt", tmp_path / "run", "secure"
-    # the URL holds no secret: every process reads the password from the file (PILOT_REDIS_PASSWORD_FILE)
-    secure_redis = redis_url(tls_redis, None, ca)
     link_port = free_port()
     flwr_home = tmp_path / "flwr-home"
     flwr_home.mkdir()
@@ -173,23 +180,29 @@ def test_secure_federation_admits_only_registered_nodes(tmp_path, bundle, tls_re
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
         f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{link_port}"\nroot-certificates = "{ca}"\n\n'
         f'[superlink.{NO_CA_CONNECTION}]\naddress = "127.0.0.1:{link_port}"\n')
-    # every process of the deployment finds Redis (TLS, password) through its environment, as in production
-    env = subprocess_env(HOME=str(tmp_path), FLWR_HOME=str(flwr_home), PILOT_SITE_THREADS="1",
-                         PILOT_REDIS_URL=secure_redis, PILOT_REDIS_PASSWORD_FILE=str(bundle / "redis-password"))
-    r = connect(redis_url(tls_redis, (bundle / "redis-password").read_text().strip(), ca))
+    # every process finds Redis through its environment, as its role: the URL names the user, the password is
+    # in a file; a site's node config names its own user (it wins over the server's URL)
+    def as_role(role: str) -> dict[str, str]:
+        return {"PILOT_REDIS_URL": role_url(bundle, tls_redis, role),
+                "PILOT_REDIS_PASSWORD_FILE": str(bundle / "redis-passwords" / role)}
+
+    env = subprocess_env(HOME=str(tmp_path), FLWR_HOME=str(flwr_home), PILOT_SITE_THREADS="1", **as_role("server"))
+    r = connect(redis_url(tls_redis, (bundle / "redis-password").read_text().strip(), ca))  # the administrator
     events_key = protocol.server_events_key(run_id)
     started: list[subprocess.Popen] = []
 
-    def start(args: list[str], log: str = "", **kwargs) -> subprocess.Popen:
+    def start(args: list[str], log: str = "", role: str = "server", **kwargs) -> subprocess.Popen:
         out = open(tmp_path / f"{log}.log", "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed at exit
-        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+        proc = subprocess.Popen(args, env={**env, **as_role(role)}, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, **kwargs)
         started.append(proc)
         return proc
 
 
     def supernode(site: str, index: int, *security: str) -> list[str]:
         return [str(VENV_BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{link_port}", "--port", str(free_port()),
-                *security, "--node-config", f'name="{site}" partition-id={index}']
+                *security, "--node-config",
+                f'name="{site}" partition-id={index} redis-url="{role_url(bundle, tls_redis, f"site-{site}")}"']
 
     def key_of(site: str) -> list[str]:
         return ["--auth-supernode-private-key", str(bundle / "sites" / site)]
@@ -216,7 +229,7 @@ def test_secure_federation_admits_only_registered_nodes(tmp_path, bundle, tls_re
             assert registered.stdout.splitlines() == [f"{site}: {attempt}" for site in SITES]
 
         for i, site in enumerate(SITES):
-            start(supernode(site, i, "--root-certificates", str(ca), *key_of(site)))
+            start(supernode(site, i, "--root-certificates", str(ca), *key_of(site)), role=f"site-{site}")
         run_config = " ".join([
             f'run-id="{run_id}"', f'run-dir="{run_dir}"', f'data-dir="{text_shards}"',
             f'tokenizer-dir="{tiny_tokenizer}"', 'curtailment="always"', "max-rounds=2", "round-duration=3",
@@ -231,7 +244,8 @@ def test_secure_federation_admits_only_registered_nodes(tmp_path, bundle, tls_re
             "no-key": (supernode(STRANGER, 2, *once, "--root-certificates", str(ca)),
                        "SuperNode authentication is enabled"),
             "no-ca": (supernode("client_0", 0, *once, *key_of("client_0")), "CERTIFICATE_VERIFY_FAILED"),
-            "no-tls": (supernode("client_0", 0, *once, "--insecure"), "Server disconnected without sending a response"),
+            # the TLS server drops the plain-text request (a reset or a close, depending on timing)
+            "no-tls": (supernode("client_0", 0, *once, "--insecure"), "Failed to initialize the connection"),
         }
         strangers = {case: start(command, log=case) for case, (command, _) in attempts.items()}
         no_ca_cli = flwr("supernode", "ls", NO_CA_CONNECTION)
