@@ -451,6 +451,80 @@ def drain_trainer(client: redis.Redis, run_id: str, site: str, timeout_s: float)
         time.sleep(0.2)
 
 
+# ------------------------------------------------------------------ the server's side: run settings
+SETTING_DEFAULTS: dict[str, Any] = {
+    "provisioner": "none", "provision-sites": "", "provision-superlink": "127.0.0.1:8000",
+    "provision-startup-delay": 0.0, "provision-open-timeout": OPEN_TIMEOUT_S, "provision-backoff": BACKOFF_BASE_S,
+    "provision-root-certificates": "", "provision-auth-key-dir": "", "provision-namespace": "pilot",
+}
+
+
+class Provisioning:
+    """A controller with its provisioner, driven for one run: by the run's energy state (a thread of its
+    own, on its own Redis connection), or, with curtailment "always", every site up for the whole run."""
+
+    def __init__(self, controller: ProvisionController, provisioner: Provisioner, redis_url: str, run_id: str,
+                 follow: bool):
+        self.controller, self.provisioner = controller, provisioner
+        self.stop = threading.Event()
+        self.client = coordination.client_from_url(redis_url) if follow else None
+        self.thread = None
+        if self.client is not None:
+            self.thread = threading.Thread(target=follow_energy, args=(controller, self.client, run_id, self.stop),
+                                           name="provision-follow", daemon=True)
+            self.thread.start()
+        else:
+            controller.reconcile(controller.sites)
+
+    def close(self, timeout_s: float | None = None) -> bool:
+        """Stop following, bring every site down; True if all went down. Never raises."""
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+        done = self.controller.close(timeout_s)
+        if isinstance(self.provisioner, LocalProvisioner):
+            try:  # the last sweep: whatever a failed close left on this host
+                self.provisioner.close()
+            except Exception:  # noqa: BLE001 - closing must not raise into the server's shutdown
+                done = False
+        if self.client is not None:
+            self.client.close()
+        return done
+
+
+def start_provisioning(cfg: dict[str, Any], redis_url: str, run_id: str, run_dir: str | Path,
+                       on_event: EventSink | None = None, env: dict[str, str] | None = None) -> Provisioning | None:
+    """The provisioning of a run from its settings (keys of SETTING_DEFAULTS; missing ones take the default),
+    started; None with provisioner "none". Bad settings raise SiteSpecError / ValueError (at start-up, not
+    later in the loop)."""
+    get = lambda key: cfg.get(key, SETTING_DEFAULTS[key])  # noqa: E731
+    kind = str(get("provisioner"))
+    if kind == "none":
+        return None
+    if kind not in ("local", "kubernetes"):
+        raise ValueError(f'provisioner must be "none", "local" or "kubernetes", got {kind!r}')
+    if not get("provision-sites"):
+        raise SiteSpecError('provision-sites is empty: name the sites, e.g. "client_0:2,client_1:2,client_2:2"')
+    sites = parse_sites(str(get("provision-sites")))
+    client = coordination.client_from_url(redis_url)
+    provisioner: Provisioner
+    if kind == "local":
+        root = str(get("provision-root-certificates")) or None
+        provisioner = LocalProvisioner(assign_gpu_sets(sites), str(get("provision-superlink")),
+                                       log_dir=Path(run_dir) / "provision", run_id=run_id, redis_client=client,
+                                       startup_delay_s=float(get("provision-startup-delay")), root_certificates=root,
+                                       auth_key_dir=str(get("provision-auth-key-dir")) or None, env=env)
+        if root is None and on_event is not None:
+            on_event("provision-warning", {"detail": "SuperNodes start --insecure: no TLS, no authentication"})
+    else:
+        from pilot.provision_kubernetes import KubernetesProvisioner
+        provisioner = KubernetesProvisioner(sites, str(get("provision-namespace")), run_id=run_id, redis_client=client)
+    policy = RetryPolicy(open_timeout_s=float(get("provision-open-timeout")),
+                         backoff_base_s=float(get("provision-backoff")))
+    controller = ProvisionController(provisioner, [s.name for s in sites], on_event=on_event, policy=policy)
+    return Provisioning(controller, provisioner, redis_url, run_id, follow=cfg.get("curtailment") != "always")
+
+
 # ------------------------------------------------------------------ processes
 def is_trainer_of(cmdline: Sequence[str], site: str, run_id: str) -> bool:
     """Whether a command line is a site trainer of `site` in run `run_id` (plain, torchrun or one of its ranks)."""
