@@ -371,6 +371,8 @@ class ProvisionController:
                 state.retry_at = time.monotonic() + retry_in
         if error is None:
             self._report("provision-done", site=name, op=op, attempt=attempt, seconds=seconds)
+            if op == OPEN:   # its health checks come due even if nobody calls reconcile meanwhile
+                self._kick_later(self.policy.health_interval_s)
         elif isinstance(error, ProvisionCancelled):
             self._report("provision-cancelled", site=name, op=op, seconds=seconds)
         else:
@@ -384,6 +386,7 @@ class ProvisionController:
             status = self.provisioner.status(name)
         except Exception as error:  # noqa: BLE001 - a check that fails says nothing: try again later
             self._report("provision-error", site=name, error=f"status: {error!r}"[:500])
+            self._kick_later(self.policy.health_interval_s)
             return
         lost = False
         with self.lock:
@@ -393,11 +396,16 @@ class ProvisionController:
         if lost:
             self._report("provision-lost", site=name)
             self._kick()
+        else:
+            self._kick_later(self.policy.health_interval_s)
 
     def _kick(self) -> None:
-        with self.lock:
-            if not self.closed:
-                self._act()
+        try:
+            with self.lock:
+                if not self.closed:
+                    self._act()
+        except Exception as error:  # noqa: BLE001 - runs on worker and timer threads: report, never raise
+            self._report("provision-error", error=repr(error))
 
     def _kick_later(self, delay_s: float) -> None:
         with self.lock:
@@ -456,6 +464,7 @@ SETTING_DEFAULTS: dict[str, Any] = {
     "provisioner": "none", "provision-sites": "", "provision-superlink": "127.0.0.1:8000",
     "provision-startup-delay": 0.0, "provision-open-timeout": OPEN_TIMEOUT_S, "provision-backoff": BACKOFF_BASE_S,
     "provision-root-certificates": "", "provision-auth-key-dir": "", "provision-namespace": "pilot",
+    "provision-health-interval": HEALTH_INTERVAL_S,
 }
 
 
@@ -520,7 +529,8 @@ def start_provisioning(cfg: dict[str, Any], redis_url: str, run_id: str, run_dir
         from pilot.provision_kubernetes import KubernetesProvisioner
         provisioner = KubernetesProvisioner(sites, str(get("provision-namespace")), run_id=run_id, redis_client=client)
     policy = RetryPolicy(open_timeout_s=float(get("provision-open-timeout")),
-                         backoff_base_s=float(get("provision-backoff")))
+                         backoff_base_s=float(get("provision-backoff")),
+                         health_interval_s=float(get("provision-health-interval")))
     controller = ProvisionController(provisioner, [s.name for s in sites], on_event=on_event, policy=policy)
     return Provisioning(controller, provisioner, redis_url, run_id, follow=cfg.get("curtailment") != "always")
 

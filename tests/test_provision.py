@@ -311,8 +311,7 @@ def supernodes_of(address: str) -> list[psutil.Process]:
 
 def test_a_failing_site_is_retried_with_backoff_while_the_others_come_up(superlink, tmp_path):
     """client_0's SuperNode binary exits at once (as one does on a host whose GPU driver is broken):
-    retried with back-off and reported, while client_1 comes up beside it; client_1's SuperNode then
-    dies and is opened again."""
+    retried with back-off and reported, while client_1 comes up beside it."""
     address, env = superlink
     wrapper = tmp_path / "bin" / "site-supernode"
     wrapper.parent.mkdir()
@@ -323,8 +322,7 @@ def test_a_failing_site_is_retried_with_backoff_while_the_others_come_up(superli
                             supernode=[str(wrapper)], env=env)
     events = Recorder()
     controller = ProvisionController(prov, ["client_0", "client_1"], on_event=events,
-                                     policy=RetryPolicy(open_timeout_s=30, backoff_base_s=0.3, backoff_max_s=1.0,
-                                                        health_interval_s=0.5))
+                                     policy=RetryPolicy(open_timeout_s=30, backoff_base_s=0.3, backoff_max_s=1.0))
     try:
         deadline = time.monotonic() + 40
         while len(events.of("provision-failed", "client_0")) < 3 or not events.of("provision-done", "client_1"):
@@ -342,22 +340,38 @@ def test_a_failing_site_is_retried_with_backoff_while_the_others_come_up(superli
         time.sleep(0.5)                      # (an attempt already under way ends: its binary exits at once)
         attempts = len(events.of("provision-start", "client_0"))
 
-        # client_1's SuperNode dies inside its window: the health check notices, and it is opened again
-        first = prov.pids("client_1")
-        assert first and not any(gone(p) for p in first)
-        psutil.Process(prov.nodes["client_1"].process.pid).kill()
-        deadline = time.monotonic() + 40
-        while len(events.of("provision-done", "client_1")) < 2:
-            assert time.monotonic() < deadline, events.events
-            controller.reconcile({"client_1"})
-            time.sleep(0.05)
-        assert events.of("provision-lost", "client_1") and prov.status("client_1") == "up"
-        assert len(events.of("provision-start", "client_0")) == attempts
         pids = prov.pids("client_1")
-        assert prov.nodes["client_1"].process.pid not in first
+        assert pids and not any(gone(p) for p in pids)
+        time.sleep(1.0)
+        assert len(events.of("provision-start", "client_0")) == attempts
     finally:
         assert controller.close(timeout_s=30)
-    assert all(gone(p) for p in first + pids)
+    assert all(gone(p) for p in pids)
+    assert not supernodes_of(address)
+
+
+def test_always_curtailed_sites_stay_up_and_a_dead_node_is_opened_again(superlink, redis_server, tmp_path):
+    """With curtailment "always" every site is opened at once; nobody calls reconcile afterwards, yet a
+    SuperNode that dies is noticed by the controller's own health check and opened again."""
+    address, env = superlink
+    events = Recorder()
+    settings = {"provisioner": "local", "provision-sites": "client_0", "provision-superlink": address,
+                "curtailment": "always", "provision-health-interval": 0.5, "provision-backoff": 0.3}
+    provisioning = provision.start_provisioning(settings, redis_server.url, "always", tmp_path,
+                                                on_event=events, env=env)
+    prov = provisioning.provisioner
+    try:
+        wait_for(lambda: events.of("provision-done", "client_0"), 40, "client_0 up")
+        first = prov.pids("client_0")
+        assert first and prov.status("client_0") == "up"
+        psutil.Process(prov.nodes["client_0"].process.pid).kill()
+        wait_for(lambda: len(events.of("provision-done", "client_0")) >= 2, 40, "client_0 opened again")
+        assert events.of("provision-lost", "client_0") and prov.status("client_0") == "up"
+        again = prov.pids("client_0")
+        assert not set(again) & set(first)
+    finally:
+        assert provisioning.close(timeout_s=30)
+    assert all(gone(p) for p in first + again)
     assert not supernodes_of(address)
 
 
