@@ -277,8 +277,8 @@ def next_steps(bundle: Bundle, superlink_host: str, redis_host: str, connection:
         "the server host; redis.* and redis-users.acl to the Redis host; redis-passwords/energy to the energy",
         "simulation's host; sites/NAME and redis-passwords/site-NAME only to that site's host.",
         "",
-        "1. Redis with TLS and one user per role (the Redis host):",
-        f"   redis-server --port 0 --tls-port 6380 --bind 0.0.0.0 --tls-cert-file {q('redis.crt')} "
+        "1. Redis 7 with TLS and one user per role (the Redis host; Debian's redis-server: the venv's has no TLS):",
+        f"   /usr/bin/redis-server --port 0 --tls-port 6380 --bind 0.0.0.0 --tls-cert-file {q('redis.crt')} "
         f"--tls-key-file {q('redis.key')} --tls-ca-cert-file {q('ca.crt')} --tls-auth-clients no "
         f"--aclfile {q('redis-users.acl')}",
         "   every Pilot process finds it through its environment (never through committed config), as its role:",
