@@ -18,6 +18,7 @@ from flwr.cli.supernode.register import try_load_public_key
 
 from pilot import certs
 from pilot.cli import main
+from pilot.coordination import free_port
 
 SITES = ["client_0", "client_1"]
 
@@ -164,3 +165,20 @@ def test_the_command_prints_every_next_step_and_refuses_a_second_run(tmp_path, c
         assert password.read_text().strip() not in text, "a password itself is never printed"
     assert main(["certs", "--out", str(out)]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_register_reports_a_superlink_it_cannot_reach(tmp_path, monkeypatch, capsys):
+    """The real `flwr supernode register`, against a port where no SuperLink listens: every site FAILED, exit 1."""
+    out = tmp_path / "secrets"
+    certs.create(out, ["localhost"], ["localhost"], ["client_0"])
+    flwr_home = tmp_path / "flwr-home"
+    flwr_home.mkdir()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "nowhere"\n\n[superlink.nowhere]\naddress = "127.0.0.1:{free_port()}"\n'
+        f'root-certificates = "{out / "ca.crt"}"\n')
+    monkeypatch.setenv("FLWR_HOME", str(flwr_home))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["certs", "register", "--out", str(out), "--connection", "nowhere"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == ["client_0: FAILED"]
+    assert "unavailable" in captured.err
