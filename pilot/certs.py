@@ -1,7 +1,6 @@
 """`pilot certs`: the keys and certificates of a secure deployment, and the registration of its sites.
 
-A secure Pilot deployment has three kinds of secrets, all made here (the `cryptography` package, no
-openssl command needed):
+Everything a secure Pilot deployment needs is made here (the `cryptography` package; no openssl command):
 
     DIR/ca.crt, ca.key                 a private certificate authority: every client trusts ca.crt
     DIR/superlink.crt, superlink.key   the SuperLink's TLS certificate (SANs: --superlink-host)
@@ -14,7 +13,7 @@ openssl command needed):
     DIR/sites/NAME, NAME.pub           one ECDSA P-384 key pair per site (OpenSSH format), with which the
                                        site's SuperNode authenticates to the SuperLink
 
-Private keys and the password are written 0600; nothing is ever overwritten without --force. The SuperLink
+Private keys and passwords are written 0600; nothing is ever overwritten without --force. The SuperLink
 only admits SuperNodes whose public key was registered with it (`--enable-supernode-auth`):
 `pilot certs register --connection NAME` registers every site's key through Flower's Control API
 (`flwr supernode register KEY NAME`).
@@ -25,6 +24,7 @@ only admits SuperNodes whose public key was registered with it (`--enable-supern
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import hashlib
 import ipaddress
@@ -50,13 +50,13 @@ DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 DEFAULT_SITES = ("client_0", "client_1", "client_2")
 ORGANIZATION = "Pilot deployment"
 PRIVATE_MODE = 0o600
+PUBLIC_MODE = 0o644
 # Redis users of the roles (server, energy, site-NAME): the run's keys and channels only, no administration
 # (CONFIG, SHUTDOWN, FLUSHALL, DEBUG, MODULE, KEYS, ...) and no scripts. A leaked site password can then
 # neither reconfigure Redis nor touch data outside Pilot's keys, and each role can be revoked alone.
 ROLE_ACL = "~pilot:* &pilot:* +@all -@dangerous -@admin -@scripting"
 ADMIN_ACL = "~* &* +@all"
 RESERVED_SITE_NAMES = ("default", "server", "energy")
-PUBLIC_MODE = 0o644
 
 
 class CertsError(RuntimeError):
@@ -358,7 +358,7 @@ def register(bundle: Bundle, connection: str, sites: list[str] | None = None,
 
 
 # ------------------------------------------------------------------ `pilot certs`
-def add_arguments(parser) -> None:  # noqa: ANN001 - an argparse parser
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", nargs="?", choices=["create", "register"], default="create",
                         help="create (default): write a new deployment's files; register: register the sites' "
                              "public keys with a running SuperLink")
@@ -378,7 +378,7 @@ def add_arguments(parser) -> None:  # noqa: ANN001 - an argparse parser
                              "(default secure-deployment)")
 
 
-def run(args) -> int:  # noqa: ANN001 - parsed arguments
+def run(args: argparse.Namespace) -> int:
     try:
         if args.action == "register":
             sites = parse_list(args.sites, "sites") if args.sites else None
