@@ -115,6 +115,8 @@ def tls_redis(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             time.sleep(0.05)
     yield port
     stop([psutil.Process(server.pid)])
+    server.wait(timeout=5)
+    server.stdout.close()
 
 
 def role_url(bundle: Path, port: int, role: str) -> str:
@@ -190,14 +192,14 @@ def test_secure_federation_admits_only_registered_nodes(tmp_path, bundle, tls_re
     r = connect(redis_url(tls_redis, (bundle / "redis-password").read_text().strip(), ca))  # the administrator
     events_key = protocol.server_events_key(run_id)
     started: list[subprocess.Popen] = []
+    logs = contextlib.ExitStack()
 
     def start(args: list[str], log: str = "", role: str = "server", **kwargs) -> subprocess.Popen:
-        out = open(tmp_path / f"{log}.log", "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed at exit
+        out = logs.enter_context(open(tmp_path / f"{log}.log", "w")) if log else subprocess.DEVNULL
         proc = subprocess.Popen(args, env={**env, **as_role(role)}, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, **kwargs)
         started.append(proc)
         return proc
-
 
     def supernode(site: str, index: int, *security: str) -> list[str]:
         return [str(VENV_BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{link_port}", "--port", str(free_port()),
@@ -265,6 +267,10 @@ def test_secure_federation_admits_only_registered_nodes(tmp_path, bundle, tls_re
         # the server's shutdown message ends the site trainers (sessions of their own) by themselves
         _, lingering = psutil.wait_procs(mentioning(str(run_dir)), timeout=20)
         stop(group_members(groups) + lingering)
+        for proc in started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)  # reaped already: this only tells Popen so
+        logs.close()
     assert not lingering, f"site trainers still running after the run: {[p.pid for p in lingering]}"
     assert not group_members(groups), "a process of the deployment outlived the test"
 
