@@ -167,6 +167,18 @@ def test_each_role_has_a_user_of_its_own_that_only_reaches_pilot_keys(bundle, tl
         connect(site)
 
 
+def test_the_energy_simulation_runs_as_its_role(bundle, tls_redis, tmp_path):
+    energy = subprocess.run(
+        [str(VENV_BIN / "python"), "energy_simulation.py", "--run-id", "acl-energy", "--speedup", "0", "--days", "0.1"],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120,
+        env=subprocess_env(HOME=str(tmp_path), PILOT_REDIS_URL=role_url(bundle, tls_redis, "energy"),
+                           PILOT_REDIS_PASSWORD_FILE=str(bundle / "redis-passwords" / "energy")))
+    assert energy.returncode == 0, energy.stdout + energy.stderr
+    admin = connect(redis_url(tls_redis, (bundle / "redis-password").read_text().strip(), bundle / "ca.crt"))
+    assert admin.exists("pilot:acl-energy:energy:clock", *(f"pilot:acl-energy:energy:site:client_{i}" for i in range(3))) == 4
+    admin.close()
+
+
 def test_plain_redis_refuses_a_client_without_the_password(redis_server):
     with pytest.raises(RedisUnavailable, match="requires a password"):
         connect(f"redis://127.0.0.1:{redis_server.port}/0")
