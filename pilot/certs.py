@@ -303,7 +303,9 @@ def next_steps(bundle: Bundle, superlink_host: str, redis_host: str, connection:
             f"--auth-supernode-private-key {shlex.quote(str(bundle.site_private_key(site)))} "
             f"--node-config 'name=\"{site}\" partition-id={index} "
             f"redis-url=\"{role_redis_url(f'site-{site}', redis_host, bundle.ca)}\"'")
-    lines += ["", f"5. The run:  flwr run . {connection} --stream", ""]
+    lines += ["", f"5. The run:  flwr run . {connection} --stream", "",
+              "Open ports 8000 (Flower), 6380 (Redis) and 8470 (weights) only to the sites and the operator: Flower's",
+              "Control API, on port 8000, has no user accounts. Every step in full: docs/deployment.md.", ""]
     return "\n".join(lines)
 
 
