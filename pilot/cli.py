@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shlex
 import sys
@@ -122,10 +123,24 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--connection NAME). See docs/deployment.md.")
     certs.add_arguments(p)
     p.set_defaults(func=certs.run)
+
+    # subcommands with their own parsers (`pilot demo --help` and so on): listed here, run by their modules
+    for name, (_, summary) in DELEGATED.items():
+        sub.add_parser(name, help=summary, add_help=False)
     return parser
 
 
+DELEGATED = {
+    "demo": ("pilot.demo", "the whole system on this machine in one command: live progress, baseline, report"),
+    "watch": ("pilot.watch", "live progress of a run in the terminal (read from its Redis)"),
+    "report": ("pilot.report", "HTML report of a run directory: windows, regimes, learning curves, energy"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -38,7 +38,7 @@ from nanochat.gpt import build_model
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import Tokenizer, get_token_bytes
 from nanochat.trainer import TrainConfig, plan_training
-from pilot import coordination, global_state, protocol, regimes
+from pilot import coordination, global_state, payload, protocol, regimes
 from pilot.aggregation import OuterOptimizer, RejectedUpdate, average_updates, check_update
 from pilot.blobs import BlobServer, BlobStore
 from pilot.client_app import RESULT_KEY, ROUND_KEY, shutdown_trainer
@@ -46,10 +46,22 @@ from pilot.energy.events import EnergyEvents
 from pilot.global_state import GlobalState
 from pilot.ledger import Ledger
 from pilot.protocol import RoundRequest, RoundResult
+from pilot.runlog import RunLog, SimTimeline
 from pilot.sites import IDENTIFY
 
 POLL_S = 0.25               # how often a round looks for replies and energy news
 REDISCOVER_S = 5.0          # how often the server looks for SuperNodes that (re)connected
+
+
+def _stream_value(value: object) -> str:
+    """Redis stream fields are strings: lists as "a,b" ("-" when empty), dicts as JSON, None as "-"."""
+    if value is None:
+        return "-"
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return ",".join(str(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
 
 
 class Federation:
@@ -62,11 +74,14 @@ class Federation:
             coordination.EmbeddedRedis(self.run_dir).ensure()
         self.r = coordination.connect(self.redis_url)
         self.events = EnergyEvents(self.r, self.run_id, consumer="server")
+        self.timeline, self._clock_read = SimTimeline(), 0.0   # wall -> simulated time, for the run's logs
+        self.runlog = RunLog(self.run_dir, self.run_id, self.r, self.sim_time_at, wandb_mode=cfg.get("wandb-mode", ""))
         self.sites: dict[str, int] = {}       # site name -> Flower node id
         self.node_names: dict[int, tuple[str, float]] = {}   # node id -> (site name, when it said so)
         self.dead_nodes: set[int] = set()     # nodes that failed: never used again
         self.seen_sites: set[str] = set()     # every site that connected during this run (their trainers)
         self.last_discovery = 0.0
+        self.pending_queries: dict[str, tuple[int, float]] = {}   # message id -> (node, when asked)
         self._setup_training()
         self._open_global_state()
         self.store = BlobStore()
@@ -147,42 +162,71 @@ class Federation:
 
     # -------------------------------------------------------------- logging
     def emit(self, kind: str, **fields: object) -> None:
-        """One line on the console and one entry in the run's server event stream."""
-        entry = {"kind": kind, "wall_ts": f"{time.time():.3f}", **{k: str(v) for k, v in fields.items()}}
+        """One line on the console, one entry in the run's server event stream, one in RUN_DIR/logs."""
+        wall_ts = time.time()
+        sim_ts = self.sim_time_at(wall_ts)
+        self.runlog.event(kind, wall_ts, sim_ts, fields)
+        entry = {"kind": kind, "wall_ts": f"{wall_ts:.3f}", "sim_ts": _stream_value(sim_ts),
+                 **{k: _stream_value(v) for k, v in fields.items()}}
         try:
             self.r.xadd(protocol.server_events_key(self.run_id), entry)
         except redis.RedisError as error:
             log(WARNING, "pilot: could not log to Redis: %s", error)
-        log(INFO, "pilot: %s %s", kind, " ".join(f"{k}={v}" for k, v in fields.items()))
+        log(INFO, "pilot: %s %s", kind, " ".join(f"{k}={entry[k]}" for k in fields))
 
     # -------------------------------------------------------------- who is there, who may train
     def discover(self, force: bool = False) -> None:
-        """Learn which node serves which site. New nodes are asked their name once; a node that failed is
-        not used again (a restarted SuperNode comes back under a new id); of two nodes with one name, the
-        one that identified itself last serves the site."""
+        """Learn which node serves which site. New nodes are asked their name (a QUERY, which also warm-starts
+        their site trainer); the answers are collected without blocking the loop, so a node that is slow to
+        answer (a busy machine, a trainer starting) is not lost, only late. A node whose query fails is not
+        used again (a restarted SuperNode comes back under a new id); of two nodes with one name, the one
+        that identified itself last serves the site. `force`: wait up to handshake-timeout for the answers."""
+        self._collect_names()
         if not force and time.monotonic() - self.last_discovery < REDISCOVER_S:
             return
         self.last_discovery = time.monotonic()
         node_ids = set(self.grid.get_node_ids()) - self.dead_nodes
         self.node_names = {n: v for n, v in self.node_names.items() if n in node_ids}
-        new = node_ids - set(self.node_names)
+        asked = {node for node, _ in self.pending_queries.values()}
+        new = node_ids - set(self.node_names) - asked
         if new:
             queries = [Message(RecordDict({IDENTIFY: self.site_record()}), dst_node_id=n, message_type=MessageType.QUERY)
-                       for n in new]
-            answered = set()
-            for reply in self.grid.send_and_receive(queries, timeout=min(self.cfg["handshake-timeout"], 30)):
-                node = reply.metadata.src_node_id
-                if not reply.has_error():
-                    self.node_names[node] = (str(reply.content[IDENTIFY]["name"]), time.monotonic())
-                    answered.add(node)
-            self.dead_nodes |= new - answered
+                       for n in sorted(new)]
+            for message_id, node in zip(self.grid.push_messages(queries), sorted(new), strict=True):
+                self.pending_queries[message_id] = (node, time.monotonic())
+        deadline = time.monotonic() + (self.cfg["handshake-timeout"] if force else 0)
+        while force and self.pending_queries and time.monotonic() < deadline:
+            time.sleep(0.5)
+            self._collect_names()
+        # a query unanswered for handshake-timeout is asked again (the node may have missed it)
+        late = [m for m, (_, at) in self.pending_queries.items() if time.monotonic() - at > self.cfg["handshake-timeout"]]
+        for message_id in late:
+            del self.pending_queries[message_id]
+        self._update_sites()
+
+    def _collect_names(self) -> None:
+        """Take in the answers to name queries that have arrived (never waits)."""
+        if not self.pending_queries:
+            return
+        for reply in self.grid.pull_messages(list(self.pending_queries)):
+            asked = self.pending_queries.pop(reply.metadata.reply_to_message_id, None)
+            if asked is None:
+                continue
+            node = asked[0]
+            if reply.has_error():
+                self.dead_nodes.add(node)
+            else:
+                self.node_names[node] = (str(reply.content[IDENTIFY]["name"]), time.monotonic())
+        self._update_sites()
+
+    def _update_sites(self) -> None:
         latest: dict[str, tuple[int, float]] = {}
         for node, (name, seen) in self.node_names.items():
             if name not in latest or seen > latest[name][1]:
                 latest[name] = (node, seen)
         sites = {name: node for name, (node, _) in latest.items()}
         if sites != self.sites:
-            self.emit("sites", connected=",".join(sorted(sites)) or "-")
+            self.emit("sites", connected=sorted(sites))
         self.sites = sites
         self.seen_sites |= set(sites)
 
@@ -209,6 +253,19 @@ class Federation:
         clock = self.events.clock()
         return clock.now() if clock else time.time()
 
+    def sim_time_at(self, wall_ts: float) -> float | None:
+        """The simulated time at a wall-clock moment (None before the energy simulation has a clock)."""
+        if self.cfg["curtailment"] == "always":
+            return wall_ts
+        if time.monotonic() - self._clock_read > 0.2:  # one Redis read per 0.2 s, however many steps are logged
+            self._clock_read = time.monotonic()
+            clock = self.events.clock()
+            if clock is not None and clock.status == "running":
+                self.timeline.add(clock.wall_ts, clock.sim_ts, clock.speedup, clock.step_s)
+            elif clock is not None:  # a finished (or paused) simulation has held its last step to its end
+                self.timeline.add(clock.wall_ts, clock.sim_ts + clock.step_s, 0.0, clock.step_s)
+        return self.timeline.at(wall_ts)
+
     def energy_finished(self) -> bool:
         if self.cfg["curtailment"] == "always":
             return False
@@ -219,9 +276,15 @@ class Federation:
         if self.cfg["curtailment"] == "always":
             time.sleep(block_ms / 1000)
             return
+        self.sim_time_at(time.time())  # keep the wall -> simulated timeline's anchors current
+        if not self.runlog.has_energy_config:
+            clock = self.events.clock()
+            if clock is not None:
+                self.runlog.energy_config(self.events.config(), speedup=clock.speedup)
         events = self.events.read(block_ms=block_ms)
         for event in events:
-            self.emit("energy", site=event.site, curtailed=int(event.curtailed), sim_ts=event.sim_ts)
+            self.runlog.energy(event.site, event.curtailed, event.sim_ts, event.value)
+            self.emit("energy", site=event.site, curtailed=int(event.curtailed), event_sim_ts=event.sim_ts)
         if events:
             self.events.commit(events[-1].id)
 
@@ -246,7 +309,7 @@ class Federation:
             training = regimes.members(self.curtailed(), set(self.sites))
             regime = regimes.regime(training)
             if regime != self.regime:
-                self.emit("regime", regime=regime, sites=",".join(sorted(training)) or "-", sim_ts=self.sim_now())
+                self.emit("regime", regime=regime, sites=sorted(training))
                 self.regime = regime
             if regime == regimes.PAUSED:
                 self.wait_for_energy_news(block_ms=1000)
@@ -262,6 +325,9 @@ class Federation:
         # the sites of a round share the steps left to the horizon
         max_steps = -(-(self.horizon - schedule_step) // len(members))
         messages, assignments = {}, {}
+        # a lone site hands in its exact weights (they become the global model as they are); several hand
+        # in what the run asks for (bf16 pseudo-gradients halve the bytes)
+        update_payload = cfg["update-payload"] if len(members) > 1 else "weights-fp32"
         for site in sorted(members):
             assignment = self.ledger.assign(site, world_size=cfg["site-nproc"])
             if not assignment.shards:
@@ -269,14 +335,14 @@ class Federation:
                 # (from their committed cursors), rather than leave a curtailed site idle
                 released = [s for other in sorted(self.seen_sites - members) for s in self.ledger.release(other)]
                 if released:
-                    self.emit("shards-released", shards=",".join(released), to=site)
+                    self.emit("shards-released", shards=released, to=site)
                     assignment = self.ledger.assign(site, world_size=cfg["site-nproc"])
             if not assignment.shards:
                 continue
             assignments[site] = assignment
             request = RoundRequest(round=number, server_id=self.server_id, weights_digest=digest, blob_url=self.blob_url,
                                    blob_token=self.blob_token, shards=assignment.shards, cursors=assignment.cursors,
-                                   schedule_step=schedule_step, max_steps=max_steps)
+                                   schedule_step=schedule_step, max_steps=max_steps, update_payload=update_payload)
             record = self.site_record()
             record["request"] = request.to_json()
             messages[site] = Message(RecordDict({ROUND_KEY: record}), dst_node_id=self.sites[site],
@@ -286,8 +352,8 @@ class Federation:
             return
         duration = cfg["round-duration"] if len(messages) > 1 else cfg["solo-checkpoint-interval"]
         current = regimes.Round(number, frozenset(messages), started_at=self.sim_now(), duration=duration)
-        self.emit("round-start", round=number, regime=current.regime, sites=",".join(sorted(messages)),
-                  sim_ts=current.started_at, shards=json.dumps({s: a.shards for s, a in assignments.items()}))
+        self.emit("round-start", round=number, regime=current.regime, sites=sorted(messages),
+                  shards={s: a.shards for s, a in assignments.items()})
         ids = dict(zip(self.grid.push_messages(messages.values()), messages, strict=True))  # message id -> site
         results: dict[str, RoundResult] = {}
         stop_reason, stop_sent = "", None
@@ -327,15 +393,25 @@ class Federation:
                 if reason is not None:
                     stop_reason, stop_sent = reason, time.monotonic()
                     self.r.set(protocol.stop_key(self.run_id, number), reason, ex=24 * 3600)
-                    self.emit("round-stop", round=number, reason=reason, sim_ts=now)
+                    self.emit("round-stop", round=number, reason=reason)
             elif time.monotonic() - stop_sent > cfg["stop-grace"]:
                 for site in set(ids.values()) - set(results):
                     results[site] = RoundResult(round=number, site=site, status="error",
                                                 reason=f"no result {cfg['stop-grace']} s after the stop")
                     self.node_failed(site)
                 break
+            self.runlog.drain_steps(ids.values())
             self.wait_for_energy_news(block_ms=int(POLL_S * 1000))
         self.r.set(protocol.stop_key(self.run_id, number), stop_reason or "round over", ex=24 * 3600)
+        self.runlog.drain_steps(ids.values())
+        for site, result in sorted(results.items()):
+            wall_start, wall_end = result.extra.get("wall_start"), result.extra.get("wall_end")
+            self.emit("site-result", round=number, site=site, status=result.status, reason=result.reason,
+                      tokens=result.tokens, steps=result.steps, loss=result.loss,
+                      seconds_training=result.seconds_training, seconds_total=result.seconds_total,
+                      wall_start=wall_start, wall_end=wall_end,
+                      sim_start=self.sim_time_at(wall_start) if wall_start else None,
+                      sim_end=self.sim_time_at(wall_end) if wall_end else None)
         self.aggregate(number, current, results, assignments, stop_reason)
         if not any(r.status == "ok" for r in results.values()):
             self.wait_for_energy_news(block_ms=2000)  # every site failed: do not hammer them in a tight loop
@@ -349,12 +425,11 @@ class Federation:
 
     def aggregate(self, number: int, current: regimes.Round, results: dict[str, RoundResult],
                   assignments: dict, stop_reason: str) -> None:
-        weights, tokens = {}, {}
+        weights, kinds, tokens = {}, {}, {}
         for site, result in sorted(results.items()):
             if result.status != "ok":
                 released = self.ledger.release(site)
-                self.emit("site-failed", round=number, site=site, reason=result.reason,
-                          reissued=",".join(released) or "-")
+                self.emit("site-failed", round=number, site=site, reason=result.reason, reissued=released)
                 continue
             if result.exhausted:  # its shards are trained to the end (a rejected update's rows are not redone)
                 self.ledger.finish(assignments[site].shards)
@@ -364,20 +439,28 @@ class Federation:
             try:
                 if blob is None:
                     raise RejectedUpdate(f"weights {result.weights_digest[:12]} were never uploaded")
+                kind = blob.metadata.get("payload", "weights-fp32")
+                if kind not in payload.KINDS:
+                    raise RejectedUpdate(f"unknown update payload {kind!r}")
                 check_update(blob.tensors, self.state.weights, result.tokens)
             except RejectedUpdate as error:
                 self.emit("update-rejected", round=number, site=site, reason=error)
                 self.ledger.release(site)
                 continue
-            weights[site], tokens[site] = blob.tensors, result.tokens
+            weights[site], kinds[site], tokens[site] = blob.tensors, kind, result.tokens
         if weights:
             if len(weights) == 1:
                 # one site (the solo regime, or the only one left): plain training, no outer step; its
-                # weights are the new global model, exactly, so it needs to fetch nothing next round
-                (local,) = weights.values()
-                new_weights = {k: v.clone() for k, v in local.items()}
+                # weights are the new global model (exactly, for a weights-fp32 update, which solo rounds
+                # ask for: the site then needs to fetch nothing next round)
+                ((site, update),) = weights.items()
+                new_weights = payload.decode_update(update, self.state.weights, kinds[site])
+                new_weights = {k: v.clone() for k, v in new_weights.items()} if kinds[site] == "weights-fp32" \
+                    else new_weights
             else:
-                deltas = {s: {k: self.state.weights[k].float() - w[k].float() for k in w} for s, w in weights.items()}
+                # pseudo-gradients (start - end), as sent (bf16) or from the weights; averaged in fp32
+                deltas = {s: w if kinds[s] == "delta-bf16" else
+                          {k: self.state.weights[k].float() - w[k].float() for k in w} for s, w in weights.items()}
                 new_weights = self.outer.step(self.state.weights, average_updates(deltas, tokens, self.state.weights))
             self.state.weights = new_weights
         for site in weights:
@@ -395,13 +478,13 @@ class Federation:
         path = global_state.save(self.run_dir, self.state)
         self.store.retain(set())  # uploads are averaged in; the next round publishes anew
         losses = {s: round(results[s].loss, 4) for s in weights}
-        self.emit("round-end", round=number, regime=current.regime, sites=",".join(sorted(weights)) or "-",
+        self.emit("round-end", round=number, regime=current.regime, sites=sorted(weights),
                   reason=stop_reason or "all sites done", tokens=trained, total_tokens=self.state.tokens,
-                  loss=json.dumps(losses), val_bpb=f"{val_bpb:.4f}" if val_bpb is not None else "-",
-                  trainers=json.dumps({s: [r.trainer_pid, r.trainer_step] for s, r in results.items()}),
-                  busy=json.dumps({s: round(r.seconds_training / max(r.seconds_total, 1e-9), 3)
-                                   for s, r in results.items() if r.status == "ok"}),
-                  training_s=json.dumps({s: round(r.seconds_training, 3) for s, r in results.items()}),
+                  loss=losses, val_bpb=round(val_bpb, 4) if val_bpb is not None else None,
+                  trainers={s: [r.trainer_pid, r.trainer_step] for s, r in results.items()},
+                  busy={s: round(r.seconds_training / max(r.seconds_total, 1e-9), 3)
+                        for s, r in results.items() if r.status == "ok"},
+                  training_s={s: round(r.seconds_training, 3) for s, r in results.items()},
                   checkpoint=path.name)
 
     def evaluate(self) -> float | None:
@@ -423,7 +506,7 @@ class Federation:
         path = self.run_dir / "final_model.safetensors"
         save_model(path, self.state.weights, self.plan.model_config.to_dict(),
                    extra={"round": self.state.round, "tokens": self.state.tokens, "outcome": outcome})
-        self.emit("finished", outcome=outcome, round=self.state.round, tokens=self.state.tokens, final_model=path)
+        self.emit("finished", outcome=outcome, round=self.state.round, tokens=self.state.tokens, final_model=str(path))
 
     def close(self) -> None:
         for site in self.seen_sites:
@@ -431,4 +514,5 @@ class Federation:
         self.blob_server.stop()
         self._alive.set()
         self.r.delete(protocol.server_alive_key(self.run_id))
+        self.runlog.close()
         coordination.release(self.r, self.run_dir)  # the embedded Redis stops when its last user lets go

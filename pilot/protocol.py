@@ -7,6 +7,8 @@
     pilot:{run}:site:{name}:outbox      Stream: the trainer's results {"round": n, "result": JSON(RoundResult)}
     pilot:{run}:site:{name}:trainer     hash: pid, host, status (starting|idle|training|stopped), round, step
     pilot:{run}:site:{name}:alive       string with a TTL the trainer keeps refreshing: gone = trainer dead
+    pilot:{run}:site:{name}:metrics     Stream: one entry per optimizer step (rank 0): round, step, loss, tokens,
+                                          seconds, wall_ts; the server drains it into RUN_DIR/logs/steps.jsonl
     pilot:{run}:round:{n}:stop          string: why round n must stop now (set by the server; sites poll it)
     pilot:{run}:server:current          string: id of the ServerApp incarnation that runs the federation now;
                                           a site working for another one stops (that server is gone)
@@ -21,7 +23,7 @@ Only small JSON travels here; weights travel as blobs (pilot/blobs.py), named by
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from pilot.coordination import key
 
@@ -52,6 +54,13 @@ def alive_key(run: str, site: str) -> str:
     return key(run, "site", site, "alive")
 
 
+def metrics_key(run: str, site: str) -> str:
+    return key(run, "site", site, "metrics")
+
+
+METRICS_MAXLEN = 100_000  # steps kept in Redis per site (approximate trim); the run directory keeps them all
+
+
 def stop_key(run: str, round_number: int) -> str:
     return key(run, "round", round_number, "stop")
 
@@ -68,6 +77,12 @@ def server_events_key(run: str) -> str:
     return key(run, "server", "events")
 
 
+def _known_fields(cls: type, data: dict) -> dict:
+    """The fields this version knows: a site trainer that outlived its server may meet a newer one."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
 @dataclass
 class RoundRequest:
     """What a site trains in one round (from the ServerApp, through Flower, to the site trainer)."""
@@ -81,13 +96,14 @@ class RoundRequest:
     cursors: list[dict] | None     # per rank, where to start in shards[0]; None = at its beginning
     schedule_step: int             # the global schedule position (optimizer steps of the whole run so far)
     max_steps: int                 # steps left before the run's horizon
+    update_payload: str = "weights-fp32"   # how to hand the update in (pilot/payload.py): weights-fp32 | delta-bf16
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, raw: str) -> RoundRequest:
-        return cls(**json.loads(raw))
+        return cls(**_known_fields(cls, json.loads(raw)))
 
 
 @dataclass
@@ -117,4 +133,4 @@ class RoundResult:
 
     @classmethod
     def from_json(cls, raw: str) -> RoundResult:
-        return cls(**json.loads(raw))
+        return cls(**_known_fields(cls, json.loads(raw)))

@@ -56,7 +56,14 @@ SETTINGS: tuple[Setting, ...] = (
             "Tokens to train in all (the schedule's horizon). 0: 20 tokens per parameter (Chinchilla)."),
     Setting("data-dir", "", "Directory of the parquet shards (last one = validation). Empty: $NANOCHAT_BASE_DIR/base_data."),
     Setting("tokenizer-dir", "", "Directory of the tokenizer. Empty: $NANOCHAT_BASE_DIR/tokenizer."),
+    Setting("update-payload", "delta-bf16",
+            'What a site of a federated round hands in: "delta-bf16" (the pseudo-gradient start - end in bf16, half '
+            'the bytes; averaged in fp32) or "weights-fp32" (its weights). A site training alone always sends its '
+            'exact fp32 weights.'),
     Setting("eval-tokens", 16384, "Validation tokens evaluated after every aggregation (0: no evaluation)."),
+    Setting("wandb-mode", "",
+            'Weights & Biases logging of the run\'s metrics: "offline" (files under the run directory), "online", '
+            '"disabled". Empty: $WANDB_MODE, else online when WANDB_API_KEY is set, else none.'),
     # sites
     Setting("site-nproc", 1, "Processes of each site trainer (its GPUs; gloo processes on CPU)."),
     Setting("site-device", "auto", 'Device of the site trainers: "auto" (CUDA when present), "cuda" or "cpu".'),

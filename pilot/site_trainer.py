@@ -37,6 +37,7 @@ from nanochat.trainer import DataExhausted, TrainConfig, Trainer, plan_training
 from pilot import coordination, protocol
 from pilot.blobs import BlobError, TensorBlob, fetch_blob, upload_blob
 from pilot.energy.events import site_key
+from pilot.payload import encode_update
 from pilot.protocol import RoundRequest, RoundResult
 
 STOP_POLL_S = 0.05        # how often rank 0 looks at the stop key and the site's energy state
@@ -152,6 +153,61 @@ class Heartbeat:
         self.r.delete(protocol.alive_key(self.run, self.site))
 
 
+class MetricsPusher:
+    """Sends every optimizer step's metrics to the site's Redis stream from a thread: a slow or restarting
+    Redis delays the figures, never a training step."""
+
+    def __init__(self, client: redis.Redis, run: str, site: str):
+        self.r, self.key = client, protocol.metrics_key(run, site)
+        self._pending: list[dict] = []
+        self._lock = threading.Lock()
+        self._sending = threading.Lock()  # one batch at a time, so entries reach the stream in step order
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metrics", daemon=True)
+        self._thread.start()
+
+    def push(self, **fields: object) -> None:
+        with self._lock:
+            self._pending.append({k: str(v) for k, v in fields.items()})
+        self._wake.set()
+
+    def _send(self) -> None:
+        with self._sending:
+            self._send_pending()
+
+    def _send_pending(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if not batch:
+            return
+        try:
+            pipe = self.r.pipeline(transaction=False)
+            for entry in batch:
+                pipe.xadd(self.key, entry, maxlen=protocol.METRICS_MAXLEN, approximate=True)
+            pipe.execute()
+        except redis.RedisError as error:
+            log(f"metrics: Redis unavailable ({error}); {len(batch)} step(s) kept for later")
+            with self._lock:
+                self._pending = batch + self._pending
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            self._send()
+
+    def flush(self) -> None:
+        """Everything pushed so far is in Redis (or Redis is down) when this returns."""
+        self._send()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+        self._send()
+
+
 # ------------------------------------------------------------------ the site trainer
 class SiteTrainer:
     def __init__(self, site: str, run: str, client: redis.Redis | None, info: DistInfo, spec: dict):
@@ -165,17 +221,24 @@ class SiteTrainer:
         self.loader: DataLoader | None = None
         self.loader_shards: list[str] = []
         self.last_digest = ""       # digest of the weights this site handed in last (= what its model holds)
+        self.round_start: dict[str, torch.Tensor] | None = None   # rank 0: the round's start weights (one buffer)
         self.steps_total = 0        # optimizer steps this process has taken, across rounds
         self.watcher = StopWatcher(client, run, site, self.trainer) if info.rank == 0 else None
+        self.metrics = MetricsPusher(client, run, site) if client is not None else None
 
     # -------------------------------------------------------------- per round
     def _load_weights(self, request: RoundRequest) -> None:
+        self.round_start = None
         if request.weights_digest == self.last_digest:
-            return  # the global model is this site's own last result: nothing to fetch
+            # the global model is this site's own last result: nothing to fetch
+            if self.info.rank == 0 and request.update_payload != "weights-fp32":
+                self.round_start = self.trainer.get_weights()
+            return
         if self.info.rank == 0:
             staging = self.trainer.get_weights()
             fetch_blob(request.blob_url, request.weights_digest, token=request.blob_token, into=staging)
             self.trainer.set_weights(staging)
+            self.round_start = staging  # kept: a pseudo-gradient update is measured from it
         if self.info.world_size > 1:
             for tensor in self.trainer.model.state_dict().values():
                 dist.broadcast(tensor, 0)
@@ -197,8 +260,19 @@ class SiteTrainer:
         self.loader_shards = list(request.shards)
         self.trainer.train_batches = self.loader
 
+    def update_blob(self, request: RoundRequest) -> TensorBlob:
+        """The round's update as the server asked for it: the site's weights, or bf16(start - end) written
+        over the start buffer (no third copy of the model)."""
+        kind = request.update_payload
+        if kind == "weights-fp32":
+            return TensorBlob(self.trainer.get_weights(), {"payload": kind})
+        if self.round_start is None:
+            raise ValueError("a delta update needs the round's start weights, which this site did not keep")
+        return TensorBlob(encode_update(self.round_start, self.trainer.model.state_dict(), kind, reuse_start=True),
+                          {"payload": kind})
+
     def run_round(self, request: RoundRequest) -> RoundResult:
-        started = time.perf_counter()
+        started, wall_start = time.perf_counter(), time.time()
         trainer = self.trainer
         trainer.stop_event.clear()
         if self.watcher is not None:
@@ -221,6 +295,10 @@ class SiteTrainer:
             tokens += trainer.plan.total_batch_size
             loss_sum += result.loss
             training_s += result.dt
+            if self.metrics is not None:
+                self.metrics.push(round=request.round, step=self.steps_total + steps, loss=f"{result.loss:.6f}",
+                                  tokens=trainer.plan.total_batch_size, seconds=f"{result.dt:.6f}",
+                                  wall_ts=f"{time.time():.3f}")
             if result.stop:
                 reason = (self.watcher.reason if self.watcher else "") or "stop"
                 break
@@ -232,16 +310,20 @@ class SiteTrainer:
         if steps > 0:  # with no step taken the model still holds the global weights it was sent
             digest = ""
             if self.info.rank == 0:
-                digest = upload_blob(request.blob_url, TensorBlob(trainer.get_weights()), token=request.blob_token)
+                digest = upload_blob(request.blob_url, self.update_blob(request), token=request.blob_token)
+            self.round_start = None
             self.last_digest = broadcast_json(digest, self.info)
         weights_digest = self.last_digest
+        if self.metrics is not None:
+            self.metrics.flush()  # the round's steps are in Redis before its result is
         return RoundResult(
             round=request.round, site=self.site, status="ok", server_id=request.server_id, reason=reason,
             weights_digest=weights_digest,
             tokens=tokens, steps=steps, loss=loss_sum / steps if steps else float("nan"), cursors=cursors,
             world_size=self.info.world_size, exhausted=exhausted, trainer_pid=os.getpid(),
             trainer_step=self.steps_total, seconds_training=training_s,
-            seconds_total=time.perf_counter() - started, extra={"stopped_at": stopped_at})
+            seconds_total=time.perf_counter() - started,
+            extra={"stopped_at": stopped_at, "wall_start": wall_start, "wall_end": time.time()})
 
 
 def wait_for_train_config(client: redis.Redis, run: str) -> dict:
@@ -308,6 +390,8 @@ def serve(args: argparse.Namespace) -> int:
             heartbeat.update(status="idle", step=site.steps_total)
             log(f"round {request.round}: {result.steps} steps, {result.tokens} tokens, loss {result.loss:.4f}, "
                 f"stopped: {result.reason or '-'}")
+    if site.metrics is not None:
+        site.metrics.stop()
     if heartbeat is not None:
         heartbeat.stop()
         coordination.release(client, args.run_dir)  # stops the run's embedded Redis if this was its last user

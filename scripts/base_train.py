@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     def on_step(result, val_bpb):
         if metrics_file is not None:
             record = {"step": result.step, "loss": result.loss, "lrm": result.lr_multiplier,
-                      "tokens": result.tokens, "dt": result.dt}
+                      "tokens": result.tokens, "dt": result.dt, "wall_ts": round(time.time(), 3)}
             if val_bpb is not None:
                 record["val_bpb"] = val_bpb
             metrics_file.write(json.dumps(record) + "\n")

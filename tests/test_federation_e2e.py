@@ -92,6 +92,39 @@ def test_scripted_curtailment_passes_through_every_regime(tmp_path, text_shards,
     assert len(bpbs) >= 3 and bpbs[-1] < bpbs[0], bpbs
     assert (run_dir / "final_model.safetensors").exists()
     assert (run_dir / "global" / "LATEST").exists()
+    check_run_logs(run_dir, events)
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def check_run_logs(run_dir, stream_events: list[dict]) -> None:
+    """RUN_DIR/logs holds what the Redis stream holds, typed, and every step every site took."""
+    logs = run_dir / "logs"
+    events = read_jsonl(logs / "events.jsonl")
+    assert [e["kind"] for e in events] == [e["kind"] for e in stream_events]
+    results = [e for e in events if e["kind"] == "site-result" and e["status"] == "ok"]
+    steps = read_jsonl(logs / "steps.jsonl")
+    for site in {r["site"] for r in results}:
+        site_steps = [s for s in steps if s["site"] == site]
+        # every step each site reported in its round results is in the log, once, in order
+        assert len(site_steps) == sum(r["steps"] for r in results if r["site"] == site), site
+        assert [s["step"] for s in site_steps] == sorted({s["step"] for s in site_steps}), site
+        assert sum(s["tokens"] for s in site_steps) == sum(r["tokens"] for r in results if r["site"] == site)
+    slack = STEP_S / WALL_S_PER_STEP  # one wall second of simulated time: the clock is read every 0.2 s
+    for r in results:  # a round's steps happened inside its simulated span, as the energy clock saw it
+        inside = [s for s in steps if s["site"] == r["site"] and s["round"] == r["round"]]
+        assert all(r["sim_start"] - slack <= s["sim_ts"] <= r["sim_end"] + slack for s in inside), r
+    ends = [e for e in events if e["kind"] == "round-end"]
+    assert sum(e["tokens"] for e in ends) == ends[-1]["total_tokens"]
+    assert all(isinstance(e["sites"], list) for e in ends)
+    energy = read_jsonl(logs / "energy.jsonl")
+    openings = [(e["site"], e["sim_ts"]) for e in energy if e["curtailed"] == 1]
+    assert len(openings) == sum(len(p - q) for p, q in zip(PHASES, [set()] + PHASES[:-1], strict=True))
+    config = json.loads((logs / "energy_config.json").read_text())
+    assert [s["name"] for s in config["sites"]] == ["client_0", "client_1", "client_2"]
+    assert config["speedup"] == STEP_S / WALL_S_PER_STEP
 
 
 def test_the_run_ends_when_its_data_runs_out(tmp_path, text_shards, tiny_tokenizer):
