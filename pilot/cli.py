@@ -134,6 +134,7 @@ DELEGATED = {
     "demo": ("pilot.demo", "the whole system on this machine in one command: live progress, baseline, report"),
     "watch": ("pilot.watch", "live progress of a run in the terminal (read from its Redis)"),
     "report": ("pilot.report", "HTML report of a run directory: windows, regimes, learning curves, energy"),
+    "provision": ("pilot.provision", "bring sites' SuperNodes up and down with their windows (local, Kubernetes)"),
 }
 
 

@@ -44,8 +44,9 @@ def identify(msg: Message, context: Context) -> Message:
 
 
 def redis_url(run: ConfigRecord, context: Context) -> str:
-    """A SuperNode at another site reaches Redis by its own address: its node config wins."""
-    return str(context.node_config.get("redis-url") or run["redis-url"])
+    """A SuperNode at another site reaches Redis by its own address (and, in a secure deployment, as its own
+    user): its node config wins, then its own $PILOT_REDIS_URL, then the server's URL."""
+    return str(context.node_config.get("redis-url") or os.environ.get(coordination.REDIS_URL_ENV) or run["redis-url"])
 
 
 def trainer_command(site: str, run_id: str, run_dir: str, nproc: int, device: str) -> list[str]:

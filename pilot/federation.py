@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import ssl
 import threading
 import time
 from dataclasses import asdict
@@ -38,7 +39,7 @@ from nanochat.gpt import build_model
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import Tokenizer, get_token_bytes
 from nanochat.trainer import TrainConfig, plan_training
-from pilot import coordination, global_state, payload, protocol, regimes
+from pilot import coordination, global_state, payload, protocol, provision, regimes
 from pilot.aggregation import OuterOptimizer, RejectedUpdate, average_updates, check_update
 from pilot.blobs import BlobServer, BlobStore
 from pilot.client_app import RESULT_KEY, ROUND_KEY, shutdown_trainer
@@ -51,6 +52,19 @@ from pilot.sites import IDENTIFY
 
 POLL_S = 0.25               # how often a round looks for replies and energy news
 REDISCOVER_S = 5.0          # how often the server looks for SuperNodes that (re)connected
+
+
+def blob_tls(cfg: dict) -> tuple[str, ssl.SSLContext | None]:
+    """The weights server's TLS context and the CA PEM the sites must trust (both empty without a certificate)."""
+    if not cfg.get("blob-certfile"):
+        return "", None
+    missing = [k for k in ("blob-keyfile", "blob-cafile") if not cfg.get(k)]
+    if missing:
+        raise ValueError(f"blob-certfile is set but {', '.join(missing)} is not: the weights server needs its key "
+                         f"and the sites need the CA")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cfg["blob-certfile"], cfg["blob-keyfile"])
+    return Path(cfg["blob-cafile"]).read_text(), context
 
 
 def _stream_value(value: object) -> str:
@@ -86,12 +100,17 @@ class Federation:
         self._open_global_state()
         self.store = BlobStore()
         self.blob_token = secrets.token_hex(16)
+        self.blob_ca, tls = blob_tls(cfg)
         self.blob_server = BlobServer(self.store, host=cfg["blob-host"], port=cfg["blob-port"],
-                                      token=self.blob_token).start()
+                                      token=self.blob_token, ssl_context=tls).start()
         self.blob_url = cfg["blob-url"] or self.blob_server.url
+        self.emit("weights-server", url=self.blob_url, tls=tls is not None)
         self.regime = ""
         self.eval_model = None
         self._take_over()
+        # sites' compute follows their windows (none: SuperNodes are started by hand); its own thread
+        self.provisioning = provision.start_provisioning(cfg, self.redis_url, self.run_id, self.run_dir,
+                                                         on_event=lambda kind, fields: self.emit(kind, **fields))
 
     # -------------------------------------------------------------- setup
     def _setup_training(self) -> None:
@@ -342,7 +361,8 @@ class Federation:
             assignments[site] = assignment
             request = RoundRequest(round=number, server_id=self.server_id, weights_digest=digest, blob_url=self.blob_url,
                                    blob_token=self.blob_token, shards=assignment.shards, cursors=assignment.cursors,
-                                   schedule_step=schedule_step, max_steps=max_steps, update_payload=update_payload)
+                                   schedule_step=schedule_step, max_steps=max_steps, update_payload=update_payload,
+                                   blob_ca=self.blob_ca)
             record = self.site_record()
             record["request"] = request.to_json()
             messages[site] = Message(RecordDict({ROUND_KEY: record}), dst_node_id=self.sites[site],
@@ -509,6 +529,8 @@ class Federation:
         self.emit("finished", outcome=outcome, round=self.state.round, tokens=self.state.tokens, final_model=str(path))
 
     def close(self) -> None:
+        if self.provisioning is not None:
+            self.provisioning.close()
         for site in self.seen_sites:
             shutdown_trainer(self.r, self.run_id, site)
         self.blob_server.stop()

@@ -97,6 +97,7 @@ class RoundRequest:
     schedule_step: int             # the global schedule position (optimizer steps of the whole run so far)
     max_steps: int                 # steps left before the run's horizon
     update_payload: str = "weights-fp32"   # how to hand the update in (pilot/payload.py): weights-fp32 | delta-bf16
+    blob_ca: str = ""              # PEM of the CA the weights server's TLS certificate chains to ("" = plain HTTP)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -23,6 +23,7 @@ import bisect
 import json
 import math
 import os
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
@@ -93,10 +94,15 @@ class RunLog:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.run_id, self.r, self.sim_time = run_id, client, sim_time
         self._files: dict[str, TextIO] = {}
+        self._lock = threading.Lock()
         self.has_energy_config = (self.dir / "energy_config.json").exists()
         self.wandb = _start_wandb(wandb_mode, run_id, Path(run_dir))
 
     def _write(self, name: str, record: dict) -> None:
+        with self._lock:  # events also come from the provisioning thread
+            self._write_line(name, record)
+
+    def _write_line(self, name: str, record: dict) -> None:
         f = self._files.get(name)
         if f is None:
             f = self._files[name] = open(self.dir / name, "a", encoding="utf-8")  # noqa: SIM115 (closed in close)

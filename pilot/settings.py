@@ -67,10 +67,35 @@ SETTINGS: tuple[Setting, ...] = (
     # sites
     Setting("site-nproc", 1, "Processes of each site trainer (its GPUs; gloo processes on CPU)."),
     Setting("site-device", "auto", 'Device of the site trainers: "auto" (CUDA when present), "cuda" or "cpu".'),
+    # elastic sites (pilot/provision.py, docs/provisioning.md)
+    Setting("provisioner", "none",
+            'Who brings sites\' compute up and down with their windows: "none" (SuperNodes started by hand), '
+            '"local" (SuperNodes on this host, one GPU set each), "kubernetes" (scale each site\'s StatefulSet).'),
+    Setting("provision-sites", "",
+            "Sites to provision: NAME[:GPUS],... (this host's GPUs given out in order) or a sites TOML file."),
+    Setting("provision-superlink", "127.0.0.1:8000", "SuperLink address the provisioned SuperNodes connect to (local)."),
+    Setting("provision-startup-delay", 0.0,
+            "Seconds before a provisioned SuperNode starts, to model a machine's boot (local)."),
+    Setting("provision-open-timeout", 300.0,
+            "Seconds a site may take to come up before the attempt counts as failed (retried with back-off)."),
+    Setting("provision-backoff", 5.0,
+            "Seconds before the first retry of a failed open or close; doubles with each failure, up to 300."),
+    Setting("provision-health-interval", 10.0,
+            "Seconds between checks that an open site's node still runs (a dead one is opened again)."),
+    Setting("provision-root-certificates", "",
+            "CA certificate for the provisioned SuperNodes' TLS (local). Empty: --insecure, with a warning."),
+    Setting("provision-auth-key-dir", "",
+            "Directory of the sites' private keys, one file per site name (`pilot certs`' DIR/sites)."),
+    Setting("provision-namespace", "pilot", "Kubernetes namespace of the sites' StatefulSets."),
     # the weights data plane
     Setting("blob-host", "127.0.0.1", "Address the ServerApp's weights server listens on."),
     Setting("blob-port", 0, "Port of the weights server (0: any free port)."),
-    Setting("blob-url", "", "URL the sites use to reach the weights server. Empty: http://BLOB-HOST:PORT."),
+    Setting("blob-url", "", "URL the sites use to reach the weights server. Empty: http(s)://BLOB-HOST:PORT."),
+    Setting("blob-certfile", "",
+            "TLS certificate of the weights server (PEM; `pilot certs` makes blob.crt). Empty: plain HTTP, "
+            "for loopback only. The sites learn the CA (blob-cafile) through the authenticated Flower channel."),
+    Setting("blob-keyfile", "", "Private key of blob-certfile (PEM)."),
+    Setting("blob-cafile", "", "CA certificate that signed blob-certfile (PEM; `pilot certs` makes ca.crt)."),
 )
 
 BY_KEY = {s.key: s for s in SETTINGS}

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -153,6 +154,11 @@ class Heartbeat:
         self.r.delete(protocol.alive_key(self.run, self.site))
 
 
+def blob_ssl_context(request: RoundRequest) -> ssl.SSLContext | None:
+    """Trust exactly the CA the server named for its weights server (it came over the authenticated channel)."""
+    return ssl.create_default_context(cadata=request.blob_ca) if request.blob_ca else None
+
+
 class MetricsPusher:
     """Sends every optimizer step's metrics to the site's Redis stream from a thread: a slow or restarting
     Redis delays the figures, never a training step."""
@@ -236,7 +242,8 @@ class SiteTrainer:
             return
         if self.info.rank == 0:
             staging = self.trainer.get_weights()
-            fetch_blob(request.blob_url, request.weights_digest, token=request.blob_token, into=staging)
+            fetch_blob(request.blob_url, request.weights_digest, token=request.blob_token, into=staging,
+                       ssl_context=blob_ssl_context(request))
             self.trainer.set_weights(staging)
             self.round_start = staging  # kept: a pseudo-gradient update is measured from it
         if self.info.world_size > 1:
@@ -310,7 +317,8 @@ class SiteTrainer:
         if steps > 0:  # with no step taken the model still holds the global weights it was sent
             digest = ""
             if self.info.rank == 0:
-                digest = upload_blob(request.blob_url, self.update_blob(request), token=request.blob_token)
+                digest = upload_blob(request.blob_url, self.update_blob(request), token=request.blob_token,
+                                     ssl_context=blob_ssl_context(request))
             self.round_start = None
             self.last_digest = broadcast_json(digest, self.info)
         weights_digest = self.last_digest

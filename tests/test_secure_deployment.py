@@ -247,7 +247,10 @@ def test_secure_federation_admits_only_registered_nodes(tmp_path, bundle, tls_re
         run_config = " ".join([
             f'run-id="{run_id}"', f'run-dir="{run_dir}"', f'data-dir="{text_shards}"',
             f'tokenizer-dir="{tiny_tokenizer}"', 'curtailment="always"', "max-rounds=2", "round-duration=3",
-            "depth=2", "max-seq-len=128", "device-batch-size=4", "total-batch-size=1024", "eval-tokens=1024"])
+            "depth=2", "max-seq-len=128", "device-batch-size=4", "total-batch-size=1024", "eval-tokens=1024",
+            # the weights travel over TLS too; the sites learn the CA through the authenticated Flower channel
+            f'blob-certfile="{bundle / "blob.crt"}"', f'blob-keyfile="{bundle / "blob.key"}"',
+            f'blob-cafile="{ca}"'])
         run = start([str(VENV_BIN / "flwr"), "run", ".", CONNECTION, "--stream", "--run-config", run_config],
                     log="run", cwd=PROJECT_ROOT)
         # while it runs, strangers knock: each is refused, and no round has any site but the two (below)
@@ -290,6 +293,8 @@ def test_secure_federation_admits_only_registered_nodes(tmp_path, bundle, tls_re
     r.close()
     ends = [e for e in events if e["kind"] == "round-end"]
     assert [int(e["round"]) for e in ends] == [1, 2], output
+    (weights_server,) = [e for e in events if e["kind"] == "weights-server"]
+    assert weights_server["url"].startswith("https://") and weights_server["tls"] == "True"
     assert all(e["sites"] == ",".join(SITES) and int(e["tokens"]) > 0 for e in ends), ends
     assert [e["outcome"] for e in events if e["kind"] == "finished"] == ["max rounds"]
     assert (run_dir / "final_model.safetensors").exists()
