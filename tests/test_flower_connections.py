@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
 
-import psutil
-
 from pilot import protocol
-from pilot.coordination import EmbeddedRedis, connect, free_port, release
+from pilot.coordination import EmbeddedRedis, connect, release
+from pilot.local import isolated_flwr_env, stop_local_superlink
 from pilot.sites import site_name
 from tests.conftest import PROJECT_ROOT, VENV_BIN, subprocess_env
 
@@ -34,24 +31,10 @@ def test_flwr_finds_the_shipped_connections_without_touching_home(tmp_path):
     assert list(home.iterdir()) == [], "flwr must not write to the user's home"
 
 
-def stop_local_superlink(flwr_home) -> None:
-    """`flwr run` leaves its local SuperLink running in the background: stop ours (and its children)."""
-    for proc in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            if any(str(flwr_home) in part for part in proc.info["cmdline"] or []):
-                for child in proc.children(recursive=True) + [proc]:
-                    with contextlib.suppress(psutil.Error):
-                        child.kill()
-
-
 def flwr_env_for(tmp_path) -> tuple:
     """An isolated Flower home (the shipped connections), its own local SuperLink ports, one thread a site."""
     flwr_home = tmp_path / "flwr-home"
-    flwr_home.mkdir()
-    shutil.copy(PROJECT_ROOT / ".flwr" / "config.toml", flwr_home / "config.toml")
-    env = subprocess_env(HOME=str(tmp_path), FLWR_HOME=str(flwr_home),
-                         FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
-                         FLWR_LOCAL_CONTROL_API_PORT=str(free_port()), PILOT_SITE_THREADS="1")
+    env = isolated_flwr_env(flwr_home, subprocess_env(HOME=str(tmp_path)), PILOT_SITE_THREADS="1")
     return flwr_home, env
 
 
