@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,30 @@ def sim_times(logs: RunLogs) -> list[float]:
     values = [e["sim_ts"] for e in logs.events or [] if e.get("sim_ts") is not None]
     values += [s["sim_ts"] for s in logs.steps or [] if s.get("sim_ts") is not None]
     return [float(v) for v in values]
+
+
+def scenario_start(logs: RunLogs) -> float | None:
+    config = logs.energy_config or {}
+    head = config.get("scenario") if isinstance(config.get("scenario"), dict) else config
+    try:
+        return datetime.fromisoformat(str(head["start"]).replace("Z", "+00:00")).timestamp()
+    except (KeyError, ValueError):
+        return None
+
+
+def place_early_events(logs: RunLogs, notes: list[str]) -> None:
+    """Server events logged before the energy simulation published its first clock have no sim_ts; the
+    simulation then starts at its scenario's start, so that is where they happened on the simulated clock
+    (a server that waited, paused, for the simulation was live from its first moment)."""
+    events = logs.events or []
+    first_known = next((i for i, e in enumerate(events) if e.get("sim_ts") is not None), None)
+    origin = scenario_start(logs)
+    if not first_known or origin is None or origin > float(events[first_known]["sim_ts"]):
+        return
+    for event in events[:first_known]:
+        event["sim_ts"] = origin
+    notes.append(f"{first_known} server event(s) logged before the energy simulation's clock started are placed "
+                 f"at the scenario's start ({iso(origin)})")
 
 
 def live_spans(logs: RunLogs) -> list[Span]:
@@ -406,6 +431,7 @@ def energy_and_emissions(logs: RunLogs, sites: Sequence[str], windows: dict[str,
 def summarize(logs: RunLogs, intensity: float = DEFAULT_INTENSITY_KG_PER_KWH) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every number of the report (JSON-ready) and the series and intervals the figures draw."""
     notes: list[str] = []
+    place_early_events(logs, notes)
     events = logs.events or []
     steps = logs.steps or []
     sites = site_names(logs)

@@ -400,3 +400,28 @@ def test_moer_traces_from_a_scenario_given_on_the_command_line(tmp_path):
     assert summary["emissions"]["moer_regions"] == ["CAISO_NORTH"]
     assert summary["emissions"]["sites"]["client_2"]["moer_kg"] == pytest.approx(
         summary["energy"]["sites"]["client_2"]["energy_kwh"] * MOER_CAISO / 1000 * KG_PER_LB)
+
+
+def test_events_before_the_simulation_clock_start_at_the_scenario_start(tmp_path):
+    """The demo starts the server first: it waits, paused, with no simulated clock yet (sim_ts null)."""
+    run = tmp_path / "run"
+    ev = [{"kind": "setup", "wall_ts": 0.0, "sim_ts": None}, {"kind": "start", "wall_ts": 0.1, "sim_ts": None},
+          {"kind": "regime", "wall_ts": 5.0, "sim_ts": None, "regime": "paused", "sites": []},
+          {"kind": "regime", "wall_ts": 20.0, "sim_ts": S0 + 900.0, "regime": "solo", "sites": ["a"]},
+          {"kind": "finished", "wall_ts": 30.0, "sim_ts": S0 + 1500.0, "outcome": "energy simulation finished"}]
+    write_jsonl(run / "logs" / "events.jsonl", ev)
+    write_jsonl(run / "logs" / "steps.jsonl", [{"site": "a", "loss": 5.0, "tokens": 10, "seconds": 5.0,
+                                                "wall_ts": 26.0, "sim_ts": S0 + 1200.0}])
+    write_jsonl(run / "logs" / "energy.jsonl", [{"site": "a", "curtailed": 1, "sim_ts": S0 + 840.0, "value": 1.0}])
+    (run / "logs" / "energy_config.json").write_text(json.dumps(
+        {"scenario": {"start": "2025-04-07T00:00:00+00:00"}, "speedup": 60.0,
+         "sites": [{"name": "a", "region": "R", "signal": "surplus", "gpus": 2, "gpu_train_kw": 0.5,
+                    "gpu_idle_kw": 0.1}]}))
+    summary, drawing = report.summarize(read_run(run))
+    assert summary["run"]["sim_start"] == S0 and summary["run"]["live_sim_s"] == pytest.approx(1500.0)
+    assert summary["run"]["regime_sim_s"] == pytest.approx({"paused": 900.0, "solo": 600.0, "federated": 0.0})
+    assert "placed at the scenario's start" in summary["notes"][0]
+    assert summary["sites"]["a"]["curtailed_live_s"] == pytest.approx(660.0)
+    # 300 s training at 1 kW, the other 360 s of the open window idle at 0.2 kW
+    assert summary["energy"]["sites"]["a"]["train_kwh"] == pytest.approx(300 / 3600)
+    assert summary["energy"]["sites"]["a"]["idle_kwh"] == pytest.approx(0.2 * 360 / 3600)
