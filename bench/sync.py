@@ -447,7 +447,8 @@ def main() -> None:
             scale = moved / (2 * fp32_bytes) if "Flower" in label and flower_layers != args.layers else 1.0
             rows.append((label, sites, moved, result, result["seconds"] / (floor * scale)))
             detail = "  ".join(f"{k} {v:.2f}" for k, v in result.get("phases", {}).items())
-            print(f"  {result['seconds']:.2f} s {detail}", flush=True)
+            every = " ".join(f"{t:.2f}" for t in result["rounds"])
+            print(f"  {result['seconds']:.2f} s  {detail}  (every try: {every})", flush=True)
 
     print()
     print(f"{'path':<44} {'sites':>5} {'GB/site':>7} {'seconds':>8} {'x floor':>7}  "
