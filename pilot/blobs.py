@@ -523,7 +523,6 @@ class _ResumingBody:
         self.received = 0      # bytes handed to the reader
         self.length = -1       # the blob's size, from the first response
         self.stalls = 0        # reconnections in a row without progress
-        self.reconnections = 0
         self._opened_at = 0    # `received` when the current connection was opened
         self._conn: http.client.HTTPConnection | None = None
         self._response: http.client.HTTPResponse | None = None
@@ -546,7 +545,6 @@ class _ResumingBody:
             where = f"at byte {self.received} of {self.length}" if self.length >= 0 else "before the first byte"
             raise BlobError(f"GET {self.url}: connection lost {where}, {self.stalls} resumes failed: {error}")
         self.stalls += 1
-        self.reconnections += 1
         time.sleep(RESUME_BACKOFF_S * (self.stalls - 1))
 
     def _open(self) -> None:
