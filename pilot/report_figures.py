@@ -102,7 +102,7 @@ def learning_curves(path: Path, series: Mapping[str, Any]) -> Path:
             ax.plot(s[axis], s["loss"], ".", ms=3, color=SITE_COLORS[i % len(SITE_COLORS)],
                     label=f"federated: {site}")
         if base and base["loss"]:
-            ax.plot(base[axis], base["loss"], "-", lw=1.2, color=CENTRAL_COLOR, label="centralized")
+            ax.plot(base[axis], base["loss"], "-", lw=0.8, alpha=0.7, color=CENTRAL_COLOR, label="centralized")
         ax.set_ylabel("training loss")
         ax = axes[1, col]
         if fed_val["val_bpb"]:
@@ -162,6 +162,8 @@ def energy(path: Path, summary: Mapping[str, Any]) -> Path:
     if any(v is not None for v in moer):
         ax.bar([i + 0.2 for i in range(len(labels))], [v or 0.0 for v in moer], 0.4, color="#9467bd",
                label="scenario MOER")
+    top = max([v for v in default + moer if v is not None] or [0.0])
+    ax.set_ylim(0, top * 1.3 if top > 0 else 1.0)   # room for the legend above the bars
     ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
     ax.set_ylabel("kg CO2")
     ax.set_title("Emissions vs single-site runs", loc="left", fontsize=10)
