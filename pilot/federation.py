@@ -43,6 +43,7 @@ from pilot import coordination, global_state, payload, protocol, provision, regi
 from pilot.aggregation import OuterOptimizer, RejectedUpdate, average_updates, check_update
 from pilot.blobs import BlobServer, BlobStore
 from pilot.client_app import RESULT_KEY, ROUND_KEY, shutdown_trainer
+from pilot.energy import events as energy_events
 from pilot.energy.events import EnergyEvents
 from pilot.global_state import GlobalState
 from pilot.ledger import Ledger
@@ -299,7 +300,9 @@ class Federation:
         if not self.runlog.has_energy_config:
             clock = self.events.clock()
             if clock is not None:
-                self.runlog.energy_config(self.events.config(), speedup=clock.speedup)
+                source = self.r.get(energy_events.source_key(self.run_id))
+                self.runlog.energy_config({**self.events.config(), **({"scenario_path": source} if source else {})},
+                                          speedup=clock.speedup)
         events = self.events.read(block_ms=block_ms)
         for event in events:
             self.runlog.energy(event.site, event.curtailed, event.sim_ts, event.value)

@@ -215,7 +215,11 @@ def training_by_site(logs: RunLogs, sites: Sequence[str], speedup: float | None)
         intervals: list[Span] = []
         last_end = -math.inf
         for end, seconds in steps:
+            # a step lasts its wall seconds x speed-up; when the logged clock lagged (steps stamped with the
+            # same simulated moment while the simulation's next step was late) it starts where the previous
+            # one ended, so no training time is lost to the stamping
             start = max(end - seconds * speedup, last_end)
+            end = start + seconds * speedup
             if end > start:
                 intervals.append((start, end))
             last_end = max(last_end, end)
@@ -563,7 +567,7 @@ def iso(seconds: float | None) -> str:
 
 METHOD = """
 <p><b>Simulated time.</b> A step that took <i>s</i> wall seconds and ended at simulated time <i>t</i> trained over
-[<i>t</i> − <i>s</i>·speedup, <i>t</i>]. Windows come from the curtailment transitions the server read
+[<i>t</i> − <i>s</i>·speedup, <i>t</i>] (started where the previous step ended when the logged clock lagged, so that no step time is lost). Windows come from the curtailment transitions the server read
 (logs/energy.jsonl); the run was live from each start/resume event to the last event of that server.</p>
 <p><b>Wall time.</b> Federated: seconds since the server's first event (setup and start-up included);
 centralized: seconds since its first step began.</p>

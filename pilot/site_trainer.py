@@ -271,12 +271,15 @@ class SiteTrainer:
         """The round's update as the server asked for it: the site's weights, or bf16(start - end) written
         over the start buffer (no third copy of the model)."""
         kind = request.update_payload
+        live = self.trainer.model.state_dict()
         if kind == "weights-fp32":
-            return TensorBlob(self.trainer.get_weights(), {"payload": kind})
+            # into the round's staging buffer when there is one: no third copy of the model
+            weights = encode_update(self.round_start, live, kind, reuse_start=True) if self.round_start is not None \
+                else self.trainer.get_weights()
+            return TensorBlob(weights, {"payload": kind})
         if self.round_start is None:
             raise ValueError("a delta update needs the round's start weights, which this site did not keep")
-        return TensorBlob(encode_update(self.round_start, self.trainer.model.state_dict(), kind, reuse_start=True),
-                          {"payload": kind})
+        return TensorBlob(encode_update(self.round_start, live, kind, reuse_start=True), {"payload": kind})
 
     def run_round(self, request: RoundRequest) -> RoundResult:
         started, wall_start = time.perf_counter(), time.time()

@@ -47,7 +47,7 @@ def test_deployment_survives_a_killed_supernode(tmp_path, text_shards, tiny_toke
         run_config = " ".join([
             f'run-id="{run_id}"', f'run-dir="{run_dir}"', f'data-dir="{text_shards}"',
             f'tokenizer-dir="{tiny_tokenizer}"', 'curtailment="always"', "round-duration=6", "stop-grace=45",
-            "token-budget=300000", "depth=2", "max-seq-len=128", "device-batch-size=4", "total-batch-size=1024",
+            "max-rounds=9", "depth=2", "max-seq-len=128", "device-batch-size=4", "total-batch-size=1024",
             "eval-tokens=1024"])
         run = subprocess.Popen([str(VENV_BIN / "flwr"), "run", ".", "local-deployment", "--stream", "--run-config",
                                 run_config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -69,7 +69,7 @@ def test_deployment_survives_a_killed_supernode(tmp_path, text_shards, tiny_toke
         nodes["client_1"] = supernode(env, link_port, "client_1", 1)
         output, _ = run.communicate(timeout=240)
         assert run.returncode == 0, output
-        assert "finished outcome=horizon" in output, output
+        assert "finished outcome=max rounds" in output, output
     finally:
         for proc in [run, link, *nodes.values()]:
             if proc is not None and proc.poll() is None:

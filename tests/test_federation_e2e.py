@@ -125,6 +125,7 @@ def check_run_logs(run_dir, stream_events: list[dict]) -> None:
     config = json.loads((logs / "energy_config.json").read_text())
     assert [s["name"] for s in config["sites"]] == ["client_0", "client_1", "client_2"]
     assert config["speedup"] == STEP_S / WALL_S_PER_STEP
+    assert config["scenario_path"] == str((run_dir.parent / "scenario.toml").resolve())  # the report reads its MOER
 
 
 def test_the_run_ends_when_its_data_runs_out(tmp_path, text_shards, tiny_tokenizer):

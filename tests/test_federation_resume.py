@@ -65,6 +65,7 @@ def test_a_killed_server_is_resumed_from_its_checkpoint(tmp_path, text_shards, t
                  "two rounds with training")
         for proc in wait_for(lambda: server_app_processes(flwr_home), 30, "the ServerApp process"):
             proc.send_signal(signal.SIGKILL)
+        first.kill()  # the CLI only streams the dead run's log; the new run does not wait for it
         first.wait(timeout=60)
         pids_before = json.loads(events("round-end")[-1]["trainers"])
         checkpoint = global_state.load(global_state.latest(run_dir))

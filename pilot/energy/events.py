@@ -8,6 +8,7 @@ most 50 ms of wall time apart), which still ends on a whole step:
     pilot:{run}:energy:config          string, JSON: {"scenario": {start, end, step_s, threshold, min_on_s,
                                        min_off_s, fingerprint}, "sites": [{name, region, signal, gpus, gpu_train_kw,
                                        gpu_idle_kw}, ...]}; written once when the run starts
+    pilot:{run}:energy:source          string: path of the scenario TOML on the simulation's host
     pilot:{run}:energy:clock           hash, the simulated clock every component shares:
         sim_time   ISO 8601 UTC of the last published step      sim_ts  the same, epoch seconds
         step       index of that step (0 = scenario start)      step_s  seconds per step
@@ -64,6 +65,11 @@ START_ID = "0-0"
 # ------------------------------------------------------------------ keys
 def config_key(run_id: str) -> str:
     return coordination.key(run_id, "energy", "config")
+
+
+def source_key(run_id: str) -> str:
+    """The scenario file the simulation runs (a path on its host; not part of the compared config)."""
+    return coordination.key(run_id, "energy", "source")
 
 
 def clock_key(run_id: str) -> str:

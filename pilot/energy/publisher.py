@@ -18,6 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -85,6 +86,8 @@ class Publisher:
                               f"policy) than {self.scenario.source}; use another --run-id or the same scenario")
         if existing is None:
             self.client.set(events.config_key(self.run_id), json.dumps(description))
+        if self.scenario.source is not None:  # lets a report read the scenario's MOER traces
+            self.client.set(events.source_key(self.run_id), str(Path(self.scenario.source).resolve()))
         clock = self.client.hgetall(self.clock_key)
         pipe = self.client.pipeline(transaction=True)
         for key in self.site_keys.values():
