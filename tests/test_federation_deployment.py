@@ -9,8 +9,11 @@ import signal
 import subprocess
 import time
 
+import psutil
+
 from pilot import protocol
 from pilot.coordination import connect, free_port, release
+from pilot.local import kill_tree, wait_until
 from tests.conftest import PROJECT_ROOT, VENV_BIN, subprocess_env
 
 SITES = ("client_0", "client_1", "client_2")
@@ -84,3 +87,57 @@ def test_deployment_survives_a_killed_supernode(tmp_path, text_shards, tiny_toke
     assert rejoined, "the site rejoins after its SuperNode restarts"
     assert json.loads(rejoined[-1]["loss"])["client_1"] > 0
     release(r, run_dir)
+
+
+def server_apps(link_pid: int) -> list[psutil.Process]:
+    found = []
+    for child in psutil.Process(link_pid).children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "flwr-serverapp" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_the_server_provisions_its_sites_and_stops_them(tmp_path, text_shards, tiny_tokenizer):
+    """provisioner="local": no SuperNode is started by hand; the ServerApp brings both sites up (in parallel),
+    trains with them, and at the end stops their SuperNodes and site trainers."""
+    run_dir, run_id = tmp_path / "run", "provisioned"
+    flwr_home = tmp_path / "flwr-home"
+    flwr_home.mkdir()
+    link_port = free_port()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local-deployment"\n\n[superlink.local-deployment]\n'
+        f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
+    env = subprocess_env(HOME=str(tmp_path), FLWR_HOME=str(flwr_home), PILOT_SITE_THREADS="1")
+    r = connect(run_dir=run_dir)
+    link = subprocess.Popen([str(VENV_BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                             "--port", str(link_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        time.sleep(3)
+        run_config = " ".join([
+            f'run-id="{run_id}"', f'run-dir="{run_dir}"', f'data-dir="{text_shards}"',
+            f'tokenizer-dir="{tiny_tokenizer}"', 'curtailment="always"', "round-duration=5", "max-rounds=2",
+            "depth=2", "max-seq-len=128", "device-batch-size=4", "total-batch-size=1024", "eval-tokens=1024",
+            'provisioner="local"', 'provision-sites="client_0,client_1"',
+            f'provision-superlink="127.0.0.1:{link_port}"'])
+        run = subprocess.run([str(VENV_BIN / "flwr"), "run", ".", "local-deployment", "--stream", "--run-config",
+                              run_config], capture_output=True, text=True, env=env, cwd=PROJECT_ROOT, timeout=240)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "finished outcome=max rounds" in run.stdout, run.stdout
+        # the ServerApp process goes on for its close(): stopping the provisioned sites
+        wait_until(lambda: not server_apps(link.pid), 60)
+    finally:
+        kill_tree(psutil.Process(link.pid))
+    events = [f for _, f in r.xrange(protocol.server_events_key(run_id))]
+    release(r, run_dir)
+    done = {(e["site"], e["op"]) for e in events if e["kind"] == "provision-done"}
+    assert done == {(s, op) for s in ("client_0", "client_1") for op in ("open", "close")}, events
+    ends = [e for e in events if e["kind"] == "round-end"]
+    assert "client_0,client_1" in [e["sites"] for e in ends], ends
+    # nothing of the run is left: no SuperNode of this SuperLink, no site trainer of this run
+    left = [p for p in psutil.process_iter(["cmdline", "status"])
+            if p.info["status"] != psutil.STATUS_ZOMBIE and any(f"127.0.0.1:{link_port}" in c or str(run_dir) in c
+                                                               for c in p.info["cmdline"] or [])]
+    assert not left, [p.info["cmdline"] for p in left]
