@@ -26,15 +26,20 @@ def supernode(env, link_port: int, site: str, index: int) -> subprocess.Popen:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 
-def test_deployment_survives_a_killed_supernode(tmp_path, text_shards, tiny_tokenizer):
-    run_dir, run_id = tmp_path / "run", "deploy"
+def deployment_home(tmp_path) -> tuple[int, dict]:
+    """A Flower home whose local-deployment connection is a SuperLink on a free port, and its environment."""
     flwr_home = tmp_path / "flwr-home"
     flwr_home.mkdir()
     link_port = free_port()
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "local-deployment"\n\n[superlink.local-deployment]\n'
         f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
-    env = subprocess_env(HOME=str(tmp_path), FLWR_HOME=str(flwr_home), PILOT_SITE_THREADS="1")
+    return link_port, subprocess_env(HOME=str(tmp_path), FLWR_HOME=str(flwr_home), PILOT_SITE_THREADS="1")
+
+
+def test_deployment_survives_a_killed_supernode(tmp_path, text_shards, tiny_tokenizer):
+    run_dir, run_id = tmp_path / "run", "deploy"
+    link_port, env = deployment_home(tmp_path)
     r = connect(run_dir=run_dir)
     events_key = protocol.server_events_key(run_id)
 
@@ -104,13 +109,7 @@ def test_the_server_provisions_its_sites_and_stops_them(tmp_path, text_shards, t
     """provisioner="local": no SuperNode is started by hand; the ServerApp brings both sites up (in parallel),
     trains with them, and at the end stops their SuperNodes and site trainers."""
     run_dir, run_id = tmp_path / "run", "provisioned"
-    flwr_home = tmp_path / "flwr-home"
-    flwr_home.mkdir()
-    link_port = free_port()
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "local-deployment"\n\n[superlink.local-deployment]\n'
-        f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
-    env = subprocess_env(HOME=str(tmp_path), FLWR_HOME=str(flwr_home), PILOT_SITE_THREADS="1")
+    link_port, env = deployment_home(tmp_path)
     r = connect(run_dir=run_dir)
     link = subprocess.Popen([str(VENV_BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
                              "--port", str(link_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
