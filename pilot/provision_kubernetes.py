@@ -60,7 +60,6 @@ TLS_DIR = "/etc/pilot/tls"
 SITE_KEY_DIR = "/etc/pilot/site-key"
 SCENARIO_DIR = "/etc/pilot/scenario"
 SITES_DIR = "/etc/pilot/sites"
-PROJECT_DIR = "/opt/pilot"   # where the image has the project (deploy/kubernetes/Dockerfile)
 REDIS_IMAGE = "redis:7.2"
 KUBECTL_TIMEOUT_S = 30.0
 POLL_S = 2.0
@@ -203,7 +202,7 @@ def superlink_manifests(cluster: ClusterConfig) -> list[dict[str, Any]]:
     container = {
         "name": "superlink", "image": cluster.image,
         "command": ["sh", "-c", f'mkdir -p {MOUNT}/superlink && exec flower-superlink "$@"', "flower-superlink"],
-        "args": args, "env": common_env(cluster), "workingDir": PROJECT_DIR,
+        "args": args, "env": common_env(cluster),
         "ports": [{"name": "flower", "containerPort": SUPERLINK_PORT}, {"name": "weights", "containerPort": BLOB_PORT}],
         "readinessProbe": {"tcpSocket": {"port": SUPERLINK_PORT}, "periodSeconds": 5},
         "resources": {"requests": {"cpu": "2", "memory": "16Gi"}},   # the ServerApp holds global weights + eval
@@ -220,7 +219,8 @@ def superlink_manifests(cluster: ClusterConfig) -> list[dict[str, Any]]:
 
 def energy_manifests(cluster: ClusterConfig) -> list[dict[str, Any]]:
     select = labels("energy")
-    args = [f"{PROJECT_DIR}/energy_simulation.py", "--run-id", cluster.run_id, "--speedup", "1"]
+    args = ["energy_simulation.py",  # in the image's working directory, the project (Dockerfile)
+            "--run-id", cluster.run_id, "--speedup", "1"]
     docs: list[dict[str, Any]] = []
     mounts, volumes = [shared_mount()], [shared_volume()]
     if cluster.scenario:
@@ -231,7 +231,7 @@ def energy_manifests(cluster: ClusterConfig) -> list[dict[str, Any]]:
         mounts.append({"name": "scenario", "mountPath": SCENARIO_DIR, "readOnly": True})
         volumes.append({"name": "scenario", "configMap": {"name": "pilot-scenario"}})
     container = {"name": "energy", "image": cluster.image, "command": ["python"], "args": args,
-                 "env": common_env(cluster), "workingDir": PROJECT_DIR,
+                 "env": common_env(cluster),
                  "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}}, "volumeMounts": mounts}
     docs.append({
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta("pilot-energy", cluster, "energy"),
@@ -262,7 +262,7 @@ def provisioner_manifests(sites: Sequence[SiteSpec], cluster: ClusterConfig) -> 
         "name": "provisioner", "image": cluster.image, "command": ["python", "-m", "pilot.provision"],
         "args": ["kubernetes", "--sites", f"{SITES_DIR}/sites.toml", "--namespace", cluster.namespace,
                  "--run-id", cluster.run_id],
-        "env": common_env(cluster), "workingDir": PROJECT_DIR,
+        "env": common_env(cluster),
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
         "volumeMounts": [{"name": "sites", "mountPath": SITES_DIR, "readOnly": True}],
     }
@@ -302,7 +302,7 @@ def site_manifests(site: SiteSpec, cluster: ClusterConfig) -> list[dict[str, Any
         resources["limits"] = {"nvidia.com/gpu": site.gpus}
     container = {
         "name": "supernode", "image": cluster.image, "command": ["flower-supernode"], "args": args,
-        "env": common_env(cluster), "workingDir": PROJECT_DIR,
+        "env": common_env(cluster),
         "ports": [{"name": "health", "containerPort": HEALTH_PORT}],
         "readinessProbe": {"grpc": {"port": HEALTH_PORT}, "periodSeconds": 5},
         "resources": resources, "volumeMounts": mounts,
