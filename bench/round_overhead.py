@@ -5,7 +5,7 @@ For each site: seconds inside optimizer steps over the wall time of the multi-si
 to last round end), with every second of synchronisation, Flower messaging and evaluation counted as lost.
 Baseline, run side by side: one site training alone for the same wall time (no round trips at all). The
 reference lost ~130 s of every ~647 s round (~80% busy); rounds here are short (default 60 s) so that every
-second of synchronisation shows. Then the seconds to synchronise a d20-sized state (bench/blob_sync.py).
+second of synchronisation shows. Then the seconds to synchronise a d20-sized state (bench/sync.py, data plane only).
 
     .venv/bin/python bench/round_overhead.py [--sites 2] [--rounds 3] [--round-seconds 60] [--skip-d20]
 """
@@ -118,8 +118,8 @@ def main() -> None:
                 and e["round"] in stops]
         print(f"\nseconds from a round's stop signal to its aggregated checkpoint: {', '.join(f'{g:.1f}' for g in gaps)}")
     if not args.skip_d20:
-        print("\nd20-sized synchronisation over the weights data plane (bench/blob_sync.py):", flush=True)
-        subprocess.run([sys.executable, str(ROOT / "bench" / "blob_sync.py")], check=True)
+        print("\nd20-sized synchronisation over the weights data plane (bench/sync.py, data plane only):", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "bench" / "sync.py"), "--skip-flower", "--sites", "1"], check=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pilot import coordination, protocol
-from pilot.energy.events import EnergyEvents, site_key
+from pilot.energy.events import EnergyEvents
 
 RECENT_EVENTS = 6
 QUIET_KINDS = {"energy", "site-result"}   # frequent, and visible in the site table anyway
@@ -97,7 +97,7 @@ def snapshot(r: redis.Redis, run_id: str) -> Snapshot:
         state = states.get(name)
         if state is not None:
             view.curtailed = state.curtailed
-            fields = r.hgetall(site_key(run_id, name))
+            fields = state.fields
             if fields.get("signal") == "moer":
                 view.signal = f"MOER {float(fields.get('value', 'nan')):.0f}"
             elif fields.get("generation_w"):

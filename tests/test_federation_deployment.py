@@ -37,6 +37,18 @@ def deployment_home(tmp_path) -> tuple[int, dict]:
     return link_port, subprocess_env(HOME=str(tmp_path), FLWR_HOME=str(flwr_home), PILOT_SITE_THREADS="1")
 
 
+def start_superlink(link_port: int, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([str(VENV_BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                             "--port", str(link_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+
+def tiny_run_config(run_id: str, run_dir, text_shards, tiny_tokenizer, *extra: str) -> str:
+    """Every site trains whenever connected (curtailment "always"), a depth-2 model on the test shards."""
+    return " ".join([f'run-id="{run_id}"', f'run-dir="{run_dir}"', f'data-dir="{text_shards}"',
+                     f'tokenizer-dir="{tiny_tokenizer}"', 'curtailment="always"', "depth=2", "max-seq-len=128",
+                     "device-batch-size=4", "total-batch-size=1024", "eval-tokens=1024", *extra])
+
+
 def test_deployment_survives_a_killed_supernode(tmp_path, text_shards, tiny_tokenizer):
     run_dir, run_id = tmp_path / "run", "deploy"
     link_port, env = deployment_home(tmp_path)
@@ -46,17 +58,13 @@ def test_deployment_survives_a_killed_supernode(tmp_path, text_shards, tiny_toke
     def events(kind: str) -> list[dict]:
         return [f for _, f in r.xrange(events_key) if f["kind"] == kind]
 
-    link = subprocess.Popen([str(VENV_BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                             "--port", str(link_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    link = start_superlink(link_port, env)
     nodes = {site: supernode(env, link_port, site, i) for i, site in enumerate(SITES)}
     run = None
     try:
         time.sleep(3)
-        run_config = " ".join([
-            f'run-id="{run_id}"', f'run-dir="{run_dir}"', f'data-dir="{text_shards}"',
-            f'tokenizer-dir="{tiny_tokenizer}"', 'curtailment="always"', "round-duration=6", "stop-grace=45",
-            "max-rounds=9", "depth=2", "max-seq-len=128", "device-batch-size=4", "total-batch-size=1024",
-            "eval-tokens=1024"])
+        run_config = tiny_run_config(run_id, run_dir, text_shards, tiny_tokenizer, "round-duration=6",
+                                     "stop-grace=45", "max-rounds=9")
         run = subprocess.Popen([str(VENV_BIN / "flwr"), "run", ".", "local-deployment", "--stream", "--run-config",
                                 run_config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                cwd=PROJECT_ROOT)
@@ -111,16 +119,12 @@ def test_the_server_provisions_its_sites_and_stops_them(tmp_path, text_shards, t
     run_dir, run_id = tmp_path / "run", "provisioned"
     link_port, env = deployment_home(tmp_path)
     r = connect(run_dir=run_dir)
-    link = subprocess.Popen([str(VENV_BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                             "--port", str(link_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    link = start_superlink(link_port, env)
     try:
         time.sleep(3)
-        run_config = " ".join([
-            f'run-id="{run_id}"', f'run-dir="{run_dir}"', f'data-dir="{text_shards}"',
-            f'tokenizer-dir="{tiny_tokenizer}"', 'curtailment="always"', "round-duration=5", "max-rounds=2",
-            "depth=2", "max-seq-len=128", "device-batch-size=4", "total-batch-size=1024", "eval-tokens=1024",
-            'provisioner="local"', 'provision-sites="client_0,client_1"',
-            f'provision-superlink="127.0.0.1:{link_port}"'])
+        run_config = tiny_run_config(run_id, run_dir, text_shards, tiny_tokenizer, "round-duration=5",
+                                     "max-rounds=2", 'provisioner="local"', 'provision-sites="client_0,client_1"',
+                                     f'provision-superlink="127.0.0.1:{link_port}"')
         run = subprocess.run([str(VENV_BIN / "flwr"), "run", ".", "local-deployment", "--stream", "--run-config",
                               run_config], capture_output=True, text=True, env=env, cwd=PROJECT_ROOT, timeout=240)
         assert run.returncode == 0, run.stdout + run.stderr
