@@ -21,14 +21,10 @@ import time
 from pathlib import Path
 
 from pilot.coordination import free_port
-from pilot.provision import (
-    LocalProvisioner,
-    ProvisionController,
-    RetryPolicy,
-    family,
-    parse_sites,
-    stop_processes,
-)
+from pilot.provision.controller import ProvisionController, RetryPolicy
+from pilot.provision.local import LocalProvisioner
+from pilot.provision.sites import parse_sites
+from pilot.site.process import family, stop_processes
 
 VENV_BIN = Path(sys.executable).parent
 

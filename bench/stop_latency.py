@@ -29,7 +29,8 @@ from nanochat.offline_corpus import write_shards
 from nanochat.tokenizer import Tokenizer, iter_capped, train_tokenizer
 from nanochat.trainer import TrainConfig, plan_training
 from pilot import coordination, protocol
-from pilot.blobs import BlobServer, BlobStore
+from pilot.dataplane.server import BlobServer
+from pilot.dataplane.store import BlobStore
 from pilot.energy.events import site_key, stream_key
 from pilot.protocol import RoundRequest, RoundResult
 
@@ -57,7 +58,7 @@ def measure(nproc: int, depth: int, repeats: int, root: Path, data: Path, tok: P
     r.set(protocol.server_alive_key(RUN), "bench")
     store = BlobStore()
     digest = store.publish(build_model(plan.model_config, seed=0).state_dict())
-    module = ["-m", "pilot.site_trainer", "--site", SITE, "--run-id", RUN, "--run-dir", str(run_dir)]
+    module = ["-m", "pilot.site.trainer", "--site", SITE, "--run-id", RUN, "--run-dir", str(run_dir)]
     command = [sys.executable, *module] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *module]
     log = open(run_dir / "trainer.log", "ab")

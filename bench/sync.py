@@ -4,10 +4,10 @@ One sync, there and back: the server has the round's global weights (fp32); ever
 its update back. Side by side in one run, every party its own process (peak RSS = its VmHWM):
 
   (d) floor       a raw loopback TCP socket moves the same bytes (fp32 both ways), no hashing, no tensors
-  (b) fp32        the blob data plane (pilot/blobs.py): the server publishes (one hash pass), each site fetches
+  (b) fp32        the blob data plane (pilot/dataplane/): the server publishes (one hash pass), each site fetches
                   into its staging buffer (verified), loads it into its live model, trains (not timed), and
                   uploads its fp32 weights (verified by the server)
-  (c) bf16 delta  the same, but the site uploads the pseudo-gradient start - end in bf16 (pilot/payload.py,
+  (c) bf16 delta  the same, but the site uploads the pseudo-gradient start - end in bf16 (pilot/dataplane/payload.py,
                   written over its staging buffer) and the server decodes it to fp32 weights
   (a) Flower      Flower's message path (deployment: flower-superlink + one flower-supernode per site; the
                   ServerApp of bench/flower_sync sends an ArrayRecord and times until every ClientApp sent
@@ -111,7 +111,8 @@ class BlobSide:
     def __init__(self, layers: int) -> None:
         import torch
 
-        from pilot.blobs import BlobServer, BlobStore
+        from pilot.dataplane.server import BlobServer
+        from pilot.dataplane.store import BlobStore
 
         torch.set_num_threads(WORKER_THREADS)
         self.weights = d20_like_state(layers)
@@ -130,7 +131,7 @@ class BlobSide:
         turn each into fp32 weights, as the aggregation does, then keep its memory for the next round."""
         import torch
 
-        from pilot.payload import decode_update
+        from pilot.dataplane.payload import decode_update
 
         for digest in digests:
             blob = self.store.get(digest)
@@ -155,7 +156,7 @@ class BlobSite:
         self.staging = {k: torch.zeros_like(v) for k, v in self.live.items()}  # memory touched, as a live one
 
     def fetch(self, url: str, digest: str) -> dict:
-        from pilot.blobs import fetch_blob
+        from pilot.dataplane.client import fetch_blob
 
         fetch_blob(url, digest, token=TOKEN, into=self.staging)
         for name, tensor in self.live.items():  # set_weights: the round starts from the global model
@@ -168,8 +169,9 @@ class BlobSite:
         return {}
 
     def upload(self, url: str, kind: str) -> dict:
-        from pilot.blobs import TensorBlob, upload_blob
-        from pilot.payload import encode_update
+        from pilot.dataplane.blob import TensorBlob
+        from pilot.dataplane.client import upload_blob
+        from pilot.dataplane.payload import encode_update
 
         # bf16: the delta is written over the staging buffer (no third copy); fp32: the live weights themselves
         payload = encode_update(self.staging, self.live, kind, reuse_start=kind == "delta-bf16")

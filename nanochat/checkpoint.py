@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -64,33 +65,75 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def save_checkpoint(checkpoint_dir: Path | str, step: int, model_state: dict[str, torch.Tensor],
-                    optim_state: dict[str, torch.Tensor] | None, meta: dict, keep: int | None = None) -> Path:
-    """Write checkpoint_dir/step_NNNNNN atomically; keep only the newest `keep` checkpoints (None: all)."""
-    checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_dir / step_dir_name(step)
-    for stale in checkpoint_dir.glob(".step_*"):  # left by a writer that died mid-save or mid-delete (one per dir)
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=checkpoint_dir))
+LEFTOVER = re.compile(r"^\..+\.(tmp|old)-")   # what a writer that died mid-save or mid-delete leaves behind
+
+
+def prune_leftovers(directory: Path | str) -> list[str]:
+    """Delete what writers that died mid-save or mid-delete left in `directory` (hidden .NAME.tmp-* / .old-*)."""
+    pruned = []
+    for stale in Path(directory).glob(".*"):
+        if LEFTOVER.match(stale.name):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+            pruned.append(stale.name)
+    return pruned
+
+
+def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> Path:
+    """The one checkpoint writer: `write(tmp)` fills a directory assembled under a hidden temporary name beside
+    `final`; every file in it and the directory are fsynced, it is renamed into place in one step and the parent
+    fsynced. An existing `final` is swapped out (renamed out of sight, then deleted). A crash at any moment
+    leaves `final` as it was, whole, or absent, plus a leftover that `prune_leftovers` removes."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide checkpoints from the rest of the team
-        save_file(_tensors_for_disk(model_state), tmp / MODEL_FILE)
-        save_file(_tensors_for_disk(optim_state or {}), tmp / OPTIM_FILE)
-        (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, "step": step, **meta}, indent=1) + "\n")
-        for name in (MODEL_FILE, OPTIM_FILE, META_FILE):
-            _fsync_file(tmp / name)
+        write(tmp)
+        for path in tmp.iterdir():
+            _fsync_file(path)
         fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. stopped right after a resume): swap it
+        if final.exists():
             old = _hide(final)
             os.rename(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        fsync_dir(checkpoint_dir)
+        fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return final
+
+
+def write_file_atomically(path: Path, data: bytes) -> None:
+    """Replace a small file (a pointer such as LATEST) in one step, its bytes and the directory fsynced."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(checkpoint_dir: Path | str, step: int, model_state: dict[str, torch.Tensor],
+                    optim_state: dict[str, torch.Tensor] | None, meta: dict, keep: int | None = None) -> Path:
+    """Write checkpoint_dir/step_NNNNNN atomically; keep only the newest `keep` checkpoints (None: all)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    prune_leftovers(checkpoint_dir)
+
+    def write(tmp: Path) -> None:
+        save_file(_tensors_for_disk(model_state), tmp / MODEL_FILE)
+        save_file(_tensors_for_disk(optim_state or {}), tmp / OPTIM_FILE)
+        (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, "step": step, **meta}, indent=1) + "\n")
+
+    # the same step saved again (e.g. stopped right after a resume) is swapped in place
+    final = write_dir_atomically(checkpoint_dir / step_dir_name(step), write)
     if keep is not None:
         for old_step in list_checkpoints(checkpoint_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(_hide(checkpoint_dir / step_dir_name(old_step)), ignore_errors=True)

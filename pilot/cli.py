@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_plan)
 
-    from pilot import certs  # noqa: PLC0415 - cryptography only where the parser is built
+    from pilot.ops import certs  # noqa: PLC0415 - cryptography only where the parser is built
 
     p = sub.add_parser("certs", help="CA, TLS certificates, Redis password and site keys of a secure deployment",
                        description="Create a deployment's CA, SuperLink/Redis/weights-server certificates, Redis "
@@ -131,10 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DELEGATED = {
-    "demo": ("pilot.demo", "the whole system on this machine in one command: live progress, baseline, report"),
-    "watch": ("pilot.watch", "live progress of a run in the terminal (read from its Redis)"),
-    "report": ("pilot.report", "HTML report of a run directory: windows, regimes, learning curves, energy"),
-    "provision": ("pilot.provision", "bring sites' SuperNodes up and down with their windows (local, Kubernetes)"),
+    "demo": ("pilot.ops.demo", "the whole system on this machine in one command: live progress, baseline, report"),
+    "watch": ("pilot.ops.watch", "live progress of a run in the terminal (read from its Redis)"),
+    "report": ("pilot.report.cli", "HTML report of a run directory: windows, regimes, learning curves, energy"),
+    "provision": ("pilot.provision.cli", "bring sites' SuperNodes up and down with their windows (local, Kubernetes)"),
 }
 
 

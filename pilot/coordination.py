@@ -333,6 +333,20 @@ def default_run_dir(run_id: str = "default") -> Path:
     return (home / "runs" / run_id).resolve()
 
 
+def resolve_url(*preferred: object, fallback: object = None,
+                run_dir: str | os.PathLike[str] | None = None) -> str:
+    """The Redis URL of a run: the one fallback chain every process uses.
+
+    The first non-empty of `preferred` (a site's own node config, a run setting, a flag), then
+    $PILOT_REDIS_URL (this process' own, e.g. a site's role user), then `fallback` (e.g. the URL the server
+    sent), then the run's embedded server in `run_dir` (default: the run directory), started if needed.
+    """
+    for candidate in (*preferred, os.environ.get(REDIS_URL_ENV), fallback):
+        if candidate:
+            return str(candidate)
+    return EmbeddedRedis(run_dir or default_run_dir()).ensure()
+
+
 def connect(url: str | None = None, *, run_dir: str | os.PathLike[str] | None = None,
             decode_responses: bool = True, wait: bool = False) -> redis.Redis:
     """A checked Redis client: `url`, else $PILOT_REDIS_URL, else this run's embedded server.
@@ -340,8 +354,7 @@ def connect(url: str | None = None, *, run_dir: str | os.PathLike[str] | None = 
     A process that joins the embedded server should call `release(client, run_dir)` when done (or use
     `embedded_redis`), so that the last one out stops it; one that crashes is not counted anymore.
     """
-    url = url or os.environ.get(REDIS_URL_ENV) or EmbeddedRedis(run_dir or default_run_dir()).ensure()
-    return client_from_url(url, decode_responses=decode_responses, wait=wait)
+    return client_from_url(resolve_url(url, run_dir=run_dir), decode_responses=decode_responses, wait=wait)
 
 
 def release(client: redis.Redis, run_dir: str | os.PathLike[str] | None = None) -> bool:

@@ -1,4 +1,5 @@
-"""How the ServerApp, the ClientApps and the site trainers talk through Redis (keys and message formats).
+"""The envelope: how the ServerApp, the ClientApps and the site trainers talk (Flower message keys, site
+naming, Redis keys, the round request and result).
 
     pilot:{run}:train_config            string, JSON: the training settings every site uses (server writes it)
     pilot:{run}:site:{name}:inbox       Stream: work for the site trainer, written by the ClientApp
@@ -7,6 +8,7 @@
     pilot:{run}:site:{name}:outbox      Stream: the trainer's results {"round": n, "result": JSON(RoundResult)}
     pilot:{run}:site:{name}:trainer     hash: pid, host, status (starting|idle|training|stopped), round, step
     pilot:{run}:site:{name}:alive       string with a TTL the trainer keeps refreshing: gone = trainer dead
+    pilot:{run}:site:{name}:launch      string with a TTL: a ClientApp is starting the trainer (one launch at a time)
     pilot:{run}:site:{name}:metrics     Stream: one entry per optimizer step (rank 0): round, step, loss, tokens,
                                           seconds, wall_ts; the server drains it into RUN_DIR/logs/steps.jsonl
     pilot:{run}:round:{n}:stop          string: why round n must stop now (set by the server; sites poll it)
@@ -17,16 +19,41 @@
     pilot:{run}:server:events           Stream: what the server did (regime, round start/end, checkpoints)
 
 Streams, not pub/sub: a message written while its reader is busy or restarting is still there to read.
-Only small JSON travels here; weights travel as blobs (pilot/blobs.py), named by digest.
+Only small JSON travels here; weights travel as blobs (pilot/dataplane/), named by digest.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from pilot.coordination import key
 
+# ------------------------------------------------------------------ Flower messages
+# Which Flower node is which site: node ids are random and change when a SuperNode restarts; a site's name does
+# not. A SuperNode names its site with `--node-config 'name="client_0" partition-id=0'`; in Flower's simulation
+# engine, where nodes only get a partition id, partition N is site `client_N`.
+IDENTIFY = "pilot.identify"  # the QUERY message's config key that asks a node for its site name
+
+
+def site_name(node_config: Mapping[str, Any]) -> str:
+    """The site a node serves, from its node config."""
+    name = node_config.get("name")
+    if isinstance(name, str) and name:
+        return name
+    if "partition-id" in node_config:
+        return f"client_{int(node_config['partition-id'])}"
+    raise ValueError(
+        f"node config {dict(node_config)} names no site: start the SuperNode with "
+        "--node-config 'name=\"client_0\" partition-id=0'")
+
+ROUND_KEY = "pilot.round"    # the TRAIN message's config record: the run's site record + the RoundRequest JSON
+RESULT_KEY = "pilot.result"  # the reply's config record: the RoundResult JSON
+
+
+# ------------------------------------------------------------------ Redis
 ALIVE_TTL_S = 10          # a trainer (or server) that has not refreshed its alive key for this long is dead
 HEARTBEAT_S = 2.0
 ORPHAN_TIMEOUT_ENV = "PILOT_ORPHAN_TIMEOUT_S"
@@ -52,6 +79,10 @@ def trainer_key(run: str, site: str) -> str:
 
 def alive_key(run: str, site: str) -> str:
     return key(run, "site", site, "alive")
+
+
+def launch_key(run: str, site: str) -> str:
+    return key(run, "site", site, "launch")
 
 
 def metrics_key(run: str, site: str) -> str:
@@ -96,7 +127,7 @@ class RoundRequest:
     cursors: list[dict] | None     # per rank, where to start in shards[0]; None = at its beginning
     schedule_step: int             # the global schedule position (optimizer steps of the whole run so far)
     max_steps: int                 # steps left before the run's horizon
-    update_payload: str = "weights-fp32"   # how to hand the update in (pilot/payload.py): weights-fp32 | delta-bf16
+    update_payload: str = "weights-fp32"   # how to hand the update in (pilot/dataplane/payload.py): weights-fp32 | delta-bf16
     blob_ca: str = ""              # PEM of the CA the weights server's TLS certificate chains to ("" = plain HTTP)
 
     def to_json(self) -> str:

@@ -1,4 +1,4 @@
-"""Pilot ServerApp: the Flower shell around the federation's regime loop (pilot/federation.py)."""
+"""Pilot ServerApp: the Flower shell around the federation's loop (pilot/server/loop.py)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from pilot import settings
-from pilot.federation import Federation
+from pilot.server.loop import Federation
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    federation = Federation(grid, settings.resolve(context.run_config))
+    federation = Federation(grid, settings.load(context.run_config))
     try:
         federation.run()
     finally:

@@ -67,7 +67,7 @@ SETTINGS: tuple[Setting, ...] = (
     # sites
     Setting("site-nproc", 1, "Processes of each site trainer (its GPUs; gloo processes on CPU)."),
     Setting("site-device", "auto", 'Device of the site trainers: "auto" (CUDA when present), "cuda" or "cpu".'),
-    # elastic sites (pilot/provision.py, docs/provisioning.md)
+    # elastic sites (pilot/provision/, docs/provisioning.md)
     Setting("provisioner", "none",
             'Who brings sites\' compute up and down with their windows: "none" (SuperNodes started by hand), '
             '"local" (SuperNodes on this host, one GPU set each), "kubernetes" (scale each site\'s StatefulSet).'),
@@ -117,6 +117,113 @@ def resolve(run_config: Mapping[str, Any]) -> dict[str, Any]:
             raise TypeError(f"run setting {k!r} must be {expected.__name__}, got {v!r}")
         values[k] = v
     return values
+
+
+# ------------------------------------------------------------------ typed groups: the settings as code reads them
+@dataclass(frozen=True)
+class RunGroup:
+    run_id: str
+    run_dir: str
+    redis_url: str
+    wandb_mode: str
+
+
+@dataclass(frozen=True)
+class RoundGroup:
+    curtailment: str
+    round_duration: float
+    solo_checkpoint_interval: float
+    handshake_timeout: float
+    stop_grace: float
+    outer_optimizer: str
+    outer_lr: float
+    outer_momentum: float
+    max_rounds: int
+    token_budget: int
+    eval_tokens: int
+
+
+@dataclass(frozen=True)
+class ModelGroup:
+    depth: int
+    max_seq_len: int
+    device_batch_size: int
+    total_batch_size: int
+    data_dir: str
+    tokenizer_dir: str
+
+
+@dataclass(frozen=True)
+class SiteGroup:
+    nproc: int
+    device: str
+
+
+@dataclass(frozen=True)
+class DataPlaneGroup:
+    update_payload: str
+    host: str
+    port: int
+    url: str
+    certfile: str
+    keyfile: str
+    cafile: str
+
+
+@dataclass(frozen=True)
+class ProvisionGroup:
+    kind: str
+    sites: str
+    superlink: str
+    startup_delay: float
+    open_timeout: float
+    backoff: float
+    health_interval: float
+    root_certificates: str
+    auth_key_dir: str
+    namespace: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A run's settings in groups, each read by one part of the system."""
+
+    run: RunGroup
+    rounds: RoundGroup
+    model: ModelGroup
+    sites: SiteGroup
+    dataplane: DataPlaneGroup
+    provision: ProvisionGroup
+
+
+# which group and field each key fills (a key's field is its name with '-' as '_', less the group's prefix)
+_GROUPS = {"run": RunGroup, "rounds": RoundGroup, "model": ModelGroup, "sites": SiteGroup,
+           "dataplane": DataPlaneGroup, "provision": ProvisionGroup}
+_PLACE = {"run-id": "run", "run-dir": "run", "redis-url": "run", "wandb-mode": "run",
+          "depth": "model", "max-seq-len": "model", "device-batch-size": "model", "total-batch-size": "model",
+          "data-dir": "model", "tokenizer-dir": "model", "site-nproc": "sites", "site-device": "sites",
+          "update-payload": "dataplane", "provisioner": "provision"}
+_PREFIX = {"sites": "site_", "dataplane": "blob_", "provision": "provision_"}
+
+
+def _place(key: str) -> tuple[str, str]:
+    group = _PLACE.get(key) or ("dataplane" if key.startswith("blob-") else
+                                "provision" if key.startswith("provision-") else "rounds")
+    name = key.replace("-", "_")
+    if key == "provisioner":
+        return group, "kind"
+    return group, name.removeprefix(_PREFIX.get(group, ""))
+
+
+def load(run_config: Mapping[str, Any]) -> Settings:
+    """The run's settings, checked (see `resolve`) and grouped."""
+    values = resolve(run_config)
+    parts: dict[str, dict[str, Any]] = {g: {} for g in _GROUPS}
+    for key, value in values.items():
+        group, name = _place(key)
+        parts[group][name] = value
+    return Settings(**{g: cls(**parts[g]) for g, cls in _GROUPS.items()})
+
 
 
 def reference_markdown() -> str:

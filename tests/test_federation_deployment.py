@@ -10,11 +10,15 @@ import subprocess
 import time
 
 import psutil
+import pytest
 
 from pilot import protocol
 from pilot.coordination import connect, free_port, release
-from pilot.local import kill_tree, wait_until
+from pilot.ops.local import wait_until
+from pilot.site.process import kill_tree
 from tests.conftest import PROJECT_ROOT, VENV_BIN, subprocess_env
+
+pytestmark = pytest.mark.e2e   # real Flower runs: minutes each (quick tier: -m 'not e2e')
 
 SITES = ("client_0", "client_1", "client_2")
 

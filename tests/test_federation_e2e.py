@@ -9,10 +9,14 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from pilot import protocol
 from pilot.coordination import connect, release
 from tests.conftest import PROJECT_ROOT, VENV_BIN, subprocess_env
 from tests.test_flower_connections import flwr_env_for, stop_local_superlink
+
+pytestmark = pytest.mark.e2e   # real Flower runs: minutes each (quick tier: -m 'not e2e')
 
 # curtailed sites in each 5-minute step of the scripted trace: 0 -> 1 -> 2 -> 3 -> 1 -> 0 -> 2
 PHASES = [set(), {"client_0"}, {"client_0", "client_1"}, {"client_0", "client_1", "client_2"}, {"client_1"},
@@ -157,7 +161,7 @@ def test_the_run_ends_when_its_data_runs_out(tmp_path, text_shards, tiny_tokeniz
     assert result.returncode == 0, output
     assert "finished outcome=data exhausted" in output, output
     r = connect(run_dir=run_dir)
-    from pilot.ledger import Ledger
+    from pilot.server.ledger import Ledger
     records = Ledger(r, run_id).records()
     starts = [f for _, f in r.xrange(protocol.server_events_key(run_id)) if f["kind"] == "round-start"]
     release(r, run_dir)

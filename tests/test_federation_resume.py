@@ -11,12 +11,15 @@ import subprocess
 import time
 
 import psutil
+import pytest
 
-from pilot import global_state, protocol
+from pilot import protocol
 from pilot.coordination import connect, release
+from pilot.server import checkpoint as global_state
 from tests.conftest import PROJECT_ROOT, VENV_BIN
 from tests.test_flower_connections import flwr_env_for, stop_local_superlink
 
+pytestmark = pytest.mark.e2e   # real Flower runs: minutes each (quick tier: -m 'not e2e')
 
 def start_run(env, run_config: str) -> subprocess.Popen:
     return subprocess.Popen([str(VENV_BIN / "flwr"), "run", ".", "local-simulation", "--stream", "--run-config",

@@ -8,11 +8,15 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from pilot import protocol
 from pilot.coordination import EmbeddedRedis, connect, release
-from pilot.local import isolated_flwr_env, stop_local_superlink
-from pilot.sites import site_name
+from pilot.ops.local import isolated_flwr_env, stop_local_superlink
+from pilot.protocol import site_name
 from tests.conftest import PROJECT_ROOT, VENV_BIN, subprocess_env
+
+pytestmark = pytest.mark.e2e   # real Flower runs: minutes each (quick tier: -m 'not e2e')
 
 CONNECTIONS = ("local-simulation", "local-simulation-gpu", "local-deployment")
 

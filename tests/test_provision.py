@@ -1,4 +1,4 @@
-"""Elastic site provisioning (pilot/provision.py, pilot/provision_kubernetes.py).
+"""Elastic site provisioning (pilot/provision/).
 
 Pure policy without processes; the local provisioner with a real flower-superlink, real flower-supernode
 processes, a real energy_simulation.py on a scripted MOER trace and a real site trainer, checked by PID
@@ -23,36 +23,40 @@ import pytest
 import yaml
 
 from nanochat.trainer import TrainConfig
-from pilot import protocol, provision
-from pilot import provision_kubernetes as k8s
-from pilot.client_app import LAUNCHER, trainer_command
+from pilot import protocol, settings
 from pilot.coordination import free_port
 from pilot.energy.events import EnergyEvents
-from pilot.provision import (
+from pilot.provision import cli as provision_cli
+from pilot.provision import kubernetes as k8s
+from pilot.provision import run as provision_run
+from pilot.provision import sites as provision_sites
+from pilot.provision.controller import (
     CHECK,
     CLOSE,
+    CLOSING,
     DOWN,
     OPEN,
     OPENING,
     UP,
-    LocalProvisioner,
     ProvisionController,
     ProvisionError,
     RetryPolicy,
-    SiteSpec,
-    SiteSpecError,
-    assign_gpu_sets,
     backoff_delay,
-    family,
-    is_trainer_of,
     next_action,
-    parse_sites,
-    stop_processes,
 )
+from pilot.provision.local import LocalProvisioner
+from pilot.provision.sites import SiteSpec, SiteSpecError, assign_gpu_sets, parse_sites
+from pilot.site.process import LAUNCHER, family, is_trainer_of, stop_processes, trainer_command
 from tests.conftest import PROJECT_ROOT, VENV_BIN, subprocess_env
 
 SITES_FILE = PROJECT_ROOT / "deploy" / "kubernetes" / "sites.toml"
 RENDERED = PROJECT_ROOT / "deploy" / "kubernetes" / "rendered"
+
+
+def start_provisioning(run_config: dict, *args, **kwargs):
+    """The server's call, from a run config as Flower gives it."""
+    loaded = settings.load(run_config)
+    return provision_run.start_provisioning(loaded.provision, loaded.rounds.curtailment, *args, **kwargs)
 
 
 def gone(pid: int) -> bool:
@@ -102,7 +106,7 @@ def test_next_action_from_desired_and_actual_state():
     assert next_action(True, DOWN, now, retry_at=now + 5, check_at=0) is None     # waits out its back-off
     assert next_action(False, UP, now, retry_at=now + 5, check_at=0) is None
     assert next_action(False, OPENING, now, retry_at=0, check_at=0) is None       # one operation at a time
-    assert next_action(True, provision.CLOSING, now, retry_at=0, check_at=0) is None
+    assert next_action(True, CLOSING, now, retry_at=0, check_at=0) is None
     assert next_action(False, DOWN, now, retry_at=0, check_at=0) is None
 
 
@@ -114,14 +118,14 @@ def test_site_lists_parse_and_bad_ones_say_what_is_wrong(tmp_path):
     explicit = [SiteSpec("a", 0, 2, (0, 1)), SiteSpec("b", 1, 2), SiteSpec("c", 2, 1)]
     assert [s.gpu_ids for s in assign_gpu_sets(explicit)] == [(0, 1), (2, 3), (4,)]
     assert [s.k8s_name for s in parse_sites(str(SITES_FILE))] == ["client-0", "client-1", "client-2"]
-    assert provision.start_provisioning({"provisioner": "none"}, "redis://127.0.0.1:1/0", "r", tmp_path) is None
+    assert start_provisioning({"provisioner": "none"}, "redis://127.0.0.1:1/0", "r", tmp_path) is None
     with pytest.raises(ValueError, match='provisioner must be "none", "local" or "kubernetes"'):
-        provision.start_provisioning({"provisioner": "slurm"}, "redis://127.0.0.1:1/0", "r", tmp_path)
+        start_provisioning({"provisioner": "slurm"}, "redis://127.0.0.1:1/0", "r", tmp_path)
     with pytest.raises(SiteSpecError, match="provision-sites is empty"):
-        provision.start_provisioning({"provisioner": "local"}, "redis://127.0.0.1:1/0", "r", tmp_path)
+        start_provisioning({"provisioner": "local"}, "redis://127.0.0.1:1/0", "r", tmp_path)
     odd = [SiteSpec("a-1", 3, 2, (5, 7), {"zone": 'x"y', "k8s.io/gpu": "H100"}), SiteSpec("b", 0)]
-    (tmp_path / "round-trip.toml").write_text(provision.sites_toml(odd))
-    assert provision.load_sites(tmp_path / "round-trip.toml") == odd
+    (tmp_path / "round-trip.toml").write_text(provision_sites.sites_toml(odd))
+    assert provision_sites.load_sites(tmp_path / "round-trip.toml") == odd
 
     bad = {
         "client 0": "name must be",                       # not a node-config / Kubernetes name
@@ -151,7 +155,7 @@ def test_site_lists_parse_and_bad_ones_say_what_is_wrong(tmp_path):
 def test_trainer_command_lines_are_recognised_by_site_and_run():
     plain = trainer_command("client_0", "run-a", "/r", 1, "cpu")[1:]
     torchrun = trainer_command("client_0", "run-a", "/r", 4, "cuda")[1:]
-    rank = ["python", "-u", "-m", "pilot.site_trainer", "--site", "client_0", "--run-id", "run-a"]
+    rank = ["python", "-u", "-m", "pilot.site.trainer", "--site", "client_0", "--run-id", "run-a"]
     assert is_trainer_of(plain, "client_0", "run-a")
     assert is_trainer_of(torchrun, "client_0", "run-a") and is_trainer_of(rank, "client_0", "run-a")
     assert not is_trainer_of(plain, "client_1", "run-a") and not is_trainer_of(plain, "client_0", "run-b")
@@ -207,7 +211,7 @@ def test_rendered_manifests_validate_and_are_the_committed_ones(tmp_path):
     # the provisioner's pod reads the very sites it was rendered from
     shipped = tmp_path / "shipped-sites.toml"
     shipped.write_text(docs[("ConfigMap", "pilot-sites")]["data"]["sites.toml"])
-    assert provision.load_sites(shipped) == sites
+    assert provision_sites.load_sites(shipped) == sites
     controller = docs[("Deployment", "pilot-provisioner")]["spec"]["template"]["spec"]
     assert controller["serviceAccountName"] == "pilot-provisioner"
     assert controller["containers"][0]["args"][:3] == ["kubernetes", "--sites", "/etc/pilot/sites/sites.toml"]
@@ -236,12 +240,12 @@ def test_invalid_manifests_and_bad_sites_are_rejected_with_a_clear_error(tmp_pat
     broken = tmp_path / "broken.yaml"
     broken.write_text(yaml.safe_dump({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"},
                                       "spec": {"template": {}}}))
-    assert provision.main(["validate", str(broken)]) == 2
+    assert provision_cli.main(["validate", str(broken)]) == 2
     assert "Deployment/x" in capsys.readouterr().err
 
     bad_sites = tmp_path / "sites.toml"
     bad_sites.write_text('[[sites]]\nname = "client_0"\ngpus = "four"\n')
-    assert provision.main(["render", "--sites", str(bad_sites), "--out", str(tmp_path / "out")]) == 2
+    assert provision_cli.main(["render", "--sites", str(bad_sites), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "(client_0): gpus must be a whole number" in err and str(bad_sites) in err
     assert not (tmp_path / "out").exists()
@@ -360,7 +364,7 @@ def test_always_curtailed_sites_stay_up_and_a_dead_node_is_opened_again(superlin
     events = Recorder()
     settings = {"provisioner": "local", "provision-sites": "client_0", "provision-superlink": address,
                 "curtailment": "always", "provision-health-interval": 0.5, "provision-backoff": 0.3}
-    provisioning = provision.start_provisioning(settings, redis_server.url, "always", tmp_path,
+    provisioning = start_provisioning(settings, redis_server.url, "always", tmp_path,
                                                 on_event=events, env=env)
     prov = provisioning.provisioner
     try:
@@ -444,7 +448,7 @@ def test_sites_open_and_close_with_their_windows_and_nothing_is_left(superlink, 
     # what the server does with its run settings: provisioning that follows the run's energy state
     settings = {"provisioner": "local", "provision-sites": "client_0:1,client_1:1", "provision-superlink": address,
                 "provision-startup-delay": 0.5, "provision-open-timeout": 40, "provision-backoff": 0.5}
-    provisioning = provision.start_provisioning(settings, redis_server.url, run_id, run_dir, on_event=on_event, env=env)
+    provisioning = start_provisioning(settings, redis_server.url, run_id, run_dir, on_event=on_event, env=env)
     prov, controller = provisioning.provisioner, provisioning.controller
     assert events.of("provision-warning")   # --insecure is said out loud
     energy = None

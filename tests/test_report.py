@@ -12,9 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pilot import report
 from pilot.energy.accounting import KG_PER_LB
-from pilot.report_logs import LogError, read_run
+from pilot.report import cli as report_cli
+from pilot.report import html as report_html
+from pilot.report import spans
+from pilot.report import summary as report_summary
+from pilot.report.logs import LogError, read_run
 
 H = 3600.0
 S0 = 1743984000.0            # 2025-04-07T00:00:00Z, the simulated start
@@ -151,7 +154,7 @@ def make_run(root: Path) -> tuple[Path, dict]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
     run, truth = make_run(tmp_path_factory.mktemp("report"))
-    assert report.main([str(run)]) == 0
+    assert report_cli.main([str(run)]) == 0
     summary = json.loads((run / "report" / "summary.json").read_text())
     return run, truth, summary
 
@@ -198,7 +201,7 @@ def test_summary_numbers_match_the_logs(built):
 def test_energy_and_emissions_match_the_logs(built):
     _, truth, summary = built
     en, em = summary["energy"], summary["emissions"]
-    intensity = report.DEFAULT_INTENSITY_KG_PER_KWH
+    intensity = report_summary.DEFAULT_INTENSITY_KG_PER_KWH
     total_out = 0.0
     train_gpu_h = 0.0
     for site, cfg in SITES.items():
@@ -252,7 +255,7 @@ def test_page_is_self_contained_and_renders(built, tmp_path):
     assert "0.367 kg CO2/kWh" in text and "zero marginal emissions" in text
     # the page shows the summary's numbers
     assert f"{int(summary['run']['tokens']):,}" in text
-    png = report.render_png(page, tmp_path / "page.png")
+    png = report_html.render_png(page, tmp_path / "page.png")
     from PIL import Image  # noqa: PLC0415 - matplotlib's dependency
 
     pixels = np.asarray(Image.open(png).convert("RGB"))
@@ -272,13 +275,13 @@ def test_malformed_line_names_file_and_line(tmp_path, capsys):
     lines[4] = lines[4][:-10]                       # a broken object in the middle: an error
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(LogError, match=r"steps\.jsonl:5: not valid JSON"):
-        report.build(run)
-    assert report.main([str(run)]) == 2
+        report_cli.build(run)
+    assert report_cli.main([str(run)]) == 2
     assert "steps.jsonl:5" in capsys.readouterr().err
     lines[4] = json.dumps({"site": "client_0", "loss": 1.0})   # valid JSON, fields missing
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(LogError, match=r"steps\.jsonl:5: missing field\(s\) \['tokens', 'seconds', 'wall_ts'\]"):
-        report.build(run)
+        report_cli.build(run)
     events = run / "logs" / "events.jsonl"
     ev = events.read_text().splitlines()
     bad = next(i for i, line in enumerate(ev) if '"site-result"' in line)
@@ -288,14 +291,14 @@ def test_malformed_line_names_file_and_line(tmp_path, capsys):
     events.write_text("\n".join(ev) + "\n")
     path.write_text("\n".join(lines[:4] + lines[5:]) + "\n")
     with pytest.raises(LogError, match=rf"events\.jsonl:{bad + 1}: sim_end must be a number"):
-        report.build(run)
+        report_cli.build(run)
     events.write_text("\n".join(ev[:bad] + ev[bad + 1:]) + "\n")
     energy = run / "logs" / "energy.jsonl"
     en = energy.read_text().splitlines()
     en[2] = en[2].replace('"curtailed": 0', '"curtailed": "no"')
     energy.write_text("\n".join(en) + "\n")
     with pytest.raises(LogError, match=r"energy\.jsonl:3: expected curtailed 0 or 1"):
-        report.build(run)
+        report_cli.build(run)
 
 
 def test_cut_short_last_line_is_a_warning_not_an_error(tmp_path):
@@ -303,7 +306,7 @@ def test_cut_short_last_line_is_a_warning_not_an_error(tmp_path):
     path = run / "logs" / "steps.jsonl"
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines) + "\n" + lines[-1][:25])    # a writer killed mid-line
-    page = report.build(run)
+    page = report_cli.build(run)
     summary = json.loads((page.parent / "summary.json").read_text())
     assert summary["warnings"] == [f"{path}:{len(lines) + 1}: last line cut short (writer stopped mid-line), skipped"]
     assert summary["run"]["steps"] == len(lines)
@@ -315,7 +318,7 @@ def test_missing_optional_inputs_give_a_page_that_says_so(tmp_path):
     shutil.rmtree(run / "baseline")
     (run / "logs" / "energy.jsonl").unlink()
     (run / "logs" / "energy_config.json").unlink()
-    page = report.build(run, tmp_path / "out")
+    page = report_cli.build(run, tmp_path / "out")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["baseline"] is None and summary["energy"] is None and summary["emissions"] is None
     text = page.read_text()
@@ -328,7 +331,7 @@ def test_missing_optional_inputs_give_a_page_that_says_so(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(LogError, match="not a run directory"):
-        report.build(empty)
+        report_cli.build(empty)
 
 
 def test_interval_arithmetic_against_a_grid():
@@ -337,17 +340,17 @@ def test_interval_arithmetic_against_a_grid():
 
     def random_intervals() -> list[tuple[float, float]]:
         starts = np.sort(rng.integers(0, 190, size=rng.integers(0, 12)))
-        return report.union((float(s), float(s + rng.integers(1, 15))) for s in starts)
+        return spans.union((float(s), float(s + rng.integers(1, 15))) for s in starts)
 
     def mask(intervals) -> np.ndarray:
         return np.any([(grid >= s) & (grid < e) for s, e in intervals] or [np.zeros_like(grid, bool)], axis=0)
 
     for _ in range(200):
         a, b = random_intervals(), random_intervals()
-        for got, want in ((report.intersect(a, b), mask(a) & mask(b)), (report.subtract(a, b), mask(a) & ~mask(b)),
-                          (report.union(a + b), mask(a) | mask(b))):
+        for got, want in ((spans.intersect(a, b), mask(a) & mask(b)), (spans.subtract(a, b), mask(a) & ~mask(b)),
+                          (spans.union(a + b), mask(a) | mask(b))):
             assert np.array_equal(mask(got), want)
-            assert report.length(got) == want.sum()
+            assert spans.length(got) == want.sum()
             assert all(e1 < s2 for (_, e1), (s2, _) in zip(got, got[1:], strict=False))   # disjoint, not touching
 
 
@@ -363,7 +366,7 @@ def test_live_time_excludes_a_server_outage(tmp_path):
     write_jsonl(run / "logs" / "steps.jsonl", [{"site": "a", "loss": 5.0, "tokens": 10, "seconds": 5.0,
                                                 "wall_ts": 6.0, "sim_ts": 360.0}])
     write_jsonl(run / "logs" / "energy.jsonl", [{"site": "a", "curtailed": 1, "sim_ts": 0.0, "value": 1.0}])
-    report.build(run)
+    report_cli.build(run)
     summary = json.loads((run / "report" / "summary.json").read_text())
     # live: 0-600 s (setup to the first server's last event) and 1740-2400 s (the second's setup to its end)
     assert summary["run"]["incarnations"] == 2 and summary["run"]["live_sim_s"] == pytest.approx(1260.0)
@@ -381,7 +384,7 @@ def test_a_step_delivered_twice_counts_once(tmp_path):
     lines = path.read_text().splitlines()
     redone = json.loads(lines[3]) | {"wall_ts": json.loads(lines[-1])["wall_ts"] + 5, "sim_ts": S0 + END + 300}
     path.write_text("\n".join(lines + [lines[3], lines[7], json.dumps(redone)]) + "\n")
-    summary, _ = report.summarize(read_run(run))   # the numbers alone, no figures
+    summary, _ = report_summary.summarize(read_run(run))   # the numbers alone, no figures
     assert summary["run"]["steps"] == len(lines) + 1      # the exact repeats dropped, the redone step kept
     assert summary["warnings"] == [f"{path}: 2 repeated step record(s) ignored (lines {len(lines) + 1}, "
                                    f"{len(lines) + 2})"]
@@ -393,9 +396,9 @@ def test_moer_traces_from_a_scenario_given_on_the_command_line(tmp_path):
     config = json.loads(config_path.read_text())
     scenario = config.pop("scenario_path")
     config_path.write_text(json.dumps(config))
-    summary, _ = report.summarize(read_run(run))
+    summary, _ = report_summary.summarize(read_run(run))
     assert summary["emissions"]["moer_regions"] == [] and "give it with --scenario" in " ".join(summary["notes"])
-    assert report.main([str(run), "--scenario", scenario]) == 0
+    assert report_cli.main([str(run), "--scenario", scenario]) == 0
     summary = json.loads((run / "report" / "summary.json").read_text())
     assert summary["emissions"]["moer_regions"] == ["CAISO_NORTH"]
     assert summary["emissions"]["sites"]["client_2"]["moer_kg"] == pytest.approx(
@@ -417,7 +420,7 @@ def test_events_before_the_simulation_clock_start_at_the_scenario_start(tmp_path
         {"scenario": {"start": "2025-04-07T00:00:00+00:00"}, "speedup": 60.0,
          "sites": [{"name": "a", "region": "R", "signal": "surplus", "gpus": 2, "gpu_train_kw": 0.5,
                     "gpu_idle_kw": 0.1}]}))
-    summary, drawing = report.summarize(read_run(run))
+    summary, drawing = report_summary.summarize(read_run(run))
     assert summary["run"]["sim_start"] == S0 and summary["run"]["live_sim_s"] == pytest.approx(1500.0)
     assert summary["run"]["regime_sim_s"] == pytest.approx({"paused": 900.0, "solo": 600.0, "federated": 0.0})
     assert "placed at the scenario's start" in summary["notes"][0]

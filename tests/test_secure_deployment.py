@@ -25,6 +25,8 @@ from pilot import protocol
 from pilot.coordination import RedisUnavailable, connect, free_port
 from tests.conftest import PROJECT_ROOT, VENV_BIN, subprocess_env
 
+pytestmark = pytest.mark.e2e   # real Flower runs: minutes each (quick tier: -m 'not e2e')
+
 SITES = ("client_0", "client_1")
 STRANGER = "rogue"                    # has a key pair, but its public key is never registered
 CONNECTION = "secure-deployment"      # the test's Flower connection: TLS, trusting only the deployment's CA

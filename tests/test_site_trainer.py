@@ -16,7 +16,8 @@ from nanochat.gpt import build_model
 from nanochat.tokenizer import Tokenizer
 from nanochat.trainer import TrainConfig, plan_training
 from pilot import coordination, protocol
-from pilot.blobs import BlobServer, BlobStore
+from pilot.dataplane.server import BlobServer
+from pilot.dataplane.store import BlobStore
 from pilot.energy.events import site_key
 from pilot.protocol import RoundRequest, RoundResult
 from tests.conftest import subprocess_env
@@ -53,7 +54,7 @@ def test_two_rank_site_trainer_stops_together_and_keeps_its_state(tmp_path, text
     shards = [p.name for p in sorted(text_shards.glob("shard_*.parquet"))[:2]]
     trainer = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-         "pilot.site_trainer", "--site", SITE, "--run-id", RUN, "--run-dir", str(run_dir), "--device", "cpu"],
+         "pilot.site.trainer", "--site", SITE, "--run-id", RUN, "--run-dir", str(run_dir), "--device", "cpu"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=subprocess_env(PILOT_REDIS_URL=url, PILOT_SITE_THREADS="1"))
     try:

@@ -1,0 +1,211 @@
+"""The blob format: safetensors, written and read as a stream, named by the SHA-256 of its bytes.
+
+A blob is served straight from the tensors' memory and received straight into tensors (readinto), hashed
+while the bytes move, so no serialised copy of the model ever exists. The same format is the checkpoint
+format on disk (save_file / load_tensors: atomic, fsynced).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from safetensors import safe_open
+
+CHUNK = 4 << 20                   # bytes per read/write/hash step: large enough to keep syscalls cheap
+HTTP_TIMEOUT_S = 60.0             # a peer silent for this long is gone
+MAX_RESUMES = 5                   # reconnections within one fetch before it fails
+RESUME_BACKOFF_S = 0.5            # wait before the n-th reconnection in a row: (n-1) x this (a restarting server needs a moment)
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+
+# safetensors dtype names (https://github.com/huggingface/safetensors, format spec)
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+
+
+class BlobError(RuntimeError):
+    """A blob is missing, corrupt, refused or could not be moved."""
+
+
+class BlobCorrupt(BlobError):
+    """A blob arrived whole but its bytes do not hash to the digest asked for."""
+
+
+# ------------------------------------------------------------------ safetensors as a stream
+def _dtype_code(name: str, tensor: torch.Tensor) -> str:
+    if tensor.dtype not in _DTYPES:
+        raise BlobError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot hold")
+    return _DTYPES[tensor.dtype]
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor: a view when it is contiguous on the CPU, else one copy of that tensor."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+class TensorBlob:
+    """Tensors as one safetensors byte stream, never materialised: header + each tensor's own memory.
+
+    The tensors must not change while the blob is served: its digest promises exactly these bytes.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                 digest: str | None = None):
+        self.tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        header: dict[str, object] = {"__metadata__": self.metadata} if self.metadata else {}
+        offset = 0
+        for name, tensor in self.tensors.items():
+            size = tensor.numel() * tensor.element_size()
+            header[name] = {"dtype": _dtype_code(name, tensor), "shape": list(tensor.shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format asks for 8-byte alignment of the data
+        self.header = struct.pack("<Q", len(raw)) + raw
+        self.size = len(self.header) + offset
+        self._digest = digest
+
+    def chunks(self, start: int = 0, end: int | None = None) -> Iterator[memoryview]:
+        """The stream's bytes [start, end) as views of the header and the tensors' memory, CHUNK at a time."""
+        end = self.size if end is None else end
+        offset = 0  # of the current piece in the stream
+        for piece in (memoryview(self.header), *(_tensor_bytes(t) for t in self.tensors.values())):
+            lo, hi = max(start - offset, 0), min(end - offset, len(piece))
+            for at in range(lo, hi, CHUNK):
+                yield piece[at:min(at + CHUNK, hi)]
+            offset += len(piece)
+            if offset >= end:
+                break
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the byte stream (computed once, on first use)."""
+        if self._digest is None:
+            digest = hashlib.sha256()
+            for chunk in self.chunks():
+                digest.update(chunk)
+            self._digest = digest.hexdigest()
+        return self._digest
+
+    def write_to(self, out: BinaryIO) -> str:
+        """Write the stream to `out`, hashing on the way; returns the digest."""
+        digest = hashlib.sha256()
+        for chunk in self.chunks():
+            digest.update(chunk)
+            out.write(chunk)
+        self._digest = digest.hexdigest()
+        return self._digest
+
+
+_TORCH_DTYPES = {code: dtype for dtype, code in _DTYPES.items()}
+
+
+Allocate = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+
+
+def read_blob(stream: BinaryIO, length: int, expected: str | None = None,
+              into: Mapping[str, torch.Tensor] | None = None, allocate: Allocate | None = None) -> TensorBlob:
+    """Read a safetensors stream of `length` bytes straight into tensors, hashing as bytes arrive.
+
+    `into`: preallocated tensors (same names, shapes, dtypes) to fill; else `allocate(shape, dtype)` gives
+    each tensor (e.g. recycled memory: fresh pages cost more than copying into them), else torch.empty. A
+    stream that ends early, is malformed or does not hash to `expected` raises BlobError.
+    """
+    digest = hashlib.sha256()
+    remaining = length
+
+    def read_exact(view: memoryview) -> None:
+        nonlocal remaining
+        got = 0
+        while got < len(view):
+            n = stream.readinto(view[got:got + CHUNK])
+            if not n:
+                raise BlobError(f"stream ended {remaining - got} bytes early ({length} expected)")
+            digest.update(view[got:got + n])
+            got += n
+        remaining -= got
+
+    if length < 8:
+        raise BlobError(f"a safetensors stream has at least 8 bytes, got {length}")
+    size_bytes = bytearray(8)
+    read_exact(memoryview(size_bytes))
+    (header_len,) = struct.unpack("<Q", size_bytes)
+    if header_len > min(remaining, 100 << 20):
+        raise BlobError(f"safetensors header of {header_len} bytes does not fit the stream")
+    header_bytes = bytearray(header_len)
+    read_exact(memoryview(header_bytes))
+    try:
+        header = json.loads(header_bytes)
+    except ValueError as error:
+        raise BlobError(f"safetensors header is not JSON: {error}") from error
+    metadata = header.pop("__metadata__", None) or {}
+    tensors: dict[str, torch.Tensor] = {}
+    offset = 0
+    for name, spec in header.items():
+        dtype = _TORCH_DTYPES.get(spec.get("dtype"))
+        start, end = spec.get("data_offsets", [None, None])
+        if dtype is None or start != offset:
+            raise BlobError(f"tensor {name!r}: unsupported dtype or out-of-order data ({spec})")
+        shape = tuple(spec["shape"])
+        if into is not None:
+            tensor = into[name]
+            if tensor.shape != shape or tensor.dtype != dtype:
+                raise BlobError(f"tensor {name!r} is {dtype}{list(shape)}, expected {tensor.dtype}{list(tensor.shape)}")
+        else:
+            tensor = (allocate or torch.empty)(shape, dtype=dtype)
+        if tensor.numel() * tensor.element_size() != end - start:
+            raise BlobError(f"tensor {name!r}: {end - start} bytes do not hold {dtype}{list(shape)}")
+        if tensor.device.type == "cpu" and tensor.is_contiguous():
+            read_exact(_tensor_bytes(tensor))  # the bytes land in the tensor's own memory
+        else:  # a strided or GPU target gets the bytes through one staging copy of this tensor
+            staged = torch.empty(shape, dtype=dtype)
+            read_exact(_tensor_bytes(staged))
+            tensor.copy_(staged)
+        tensors[name] = tensor
+        offset = end
+    if remaining:
+        raise BlobError(f"{remaining} bytes after the last tensor")
+    got = digest.hexdigest()
+    if expected is not None and got != expected:
+        raise BlobCorrupt(f"blob corrupt: expected sha256 {expected}, received {got}")
+    return TensorBlob(tensors, metadata, digest=got)
+
+
+def save_file(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
+              metadata: Mapping[str, str] | None = None) -> str:
+    """Write a safetensors file atomically (temp file, fsync, rename); returns its SHA-256."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as out:
+            digest = TensorBlob(tensors, metadata).write_to(out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return digest
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_tensors(path: str | os.PathLike[str], device: str = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file."""
+    with safe_open(str(path), framework="pt", device=device) as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+

@@ -1,0 +1,266 @@
+"""The federation's loop: it only sequences the parts of the round engine (pilot/server_app.py is its thin
+Flower shell; Flower's `Strategy.start` is the shape).
+
+    open the run    Redis, the event sink, the energy clock, the global model (resumed from the last
+                    checkpoint if there is one) with its ledger, the weights server, the node roster,
+                    provisioning; the training settings are published for the site trainers
+    loop            which sites train now = curtailed (clock.py) & connected (roster.py)
+                    none      -> paused: wait for the next energy event
+                    one/more  -> a round: TRAIN messages to those sites only; end it when the policy says
+                                 (policy.py) by setting the round's stop key; collect the results; fold them
+                                 into the global model (training.py), evaluate, checkpoint
+    end             when the policy says the run is over (policy.run_outcome): final_model written
+
+Every decision goes to the event sink (runlog.ServerEvents): the console, the run's event stream, the run log.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from logging import WARNING
+from pathlib import Path
+
+import redis
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from pilot import coordination, protocol
+from pilot.dataplane.server import BlobServer, server_tls
+from pilot.dataplane.store import BlobStore
+from pilot.protocol import RESULT_KEY, ROUND_KEY, RoundRequest, RoundResult
+from pilot.provision.run import start_provisioning
+from pilot.server import policy
+from pilot.server.clock import EnergyClock
+from pilot.server.roster import Roster
+from pilot.server.runlog import RunLog, ServerEvents
+from pilot.server.training import GlobalModel
+from pilot.settings import Settings
+from pilot.site.process import shutdown_trainer
+
+POLL_S = 0.25               # how often a round looks for replies and energy news
+
+
+class Federation:
+    def __init__(self, grid: Grid, settings: Settings):
+        self.grid, self.settings = grid, settings
+        run = settings.run
+        self.run_id = run.run_id
+        self.run_dir = Path(run.run_dir or coordination.default_run_dir(self.run_id)).resolve()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.redis_url = coordination.resolve_url(run.redis_url, run_dir=self.run_dir)
+        self.r = coordination.connect(self.redis_url)
+        self.runlog = RunLog(self.run_dir, self.run_id, self.r, lambda wall_ts: self.clock.time_at(wall_ts),
+                             wandb_mode=run.wandb_mode)
+        self.clock = EnergyClock(self.r, self.run_id, settings.rounds.curtailment, self.runlog)
+        self.emit = ServerEvents(self.r, self.run_id, self.runlog, self.clock.time_at)
+        self.clock.on_event = self.emit
+        self.model = GlobalModel(self.r, self.run_id, self.run_dir, settings.model, settings.rounds,
+                                 settings.sites.nproc, self.emit)
+        self.store = BlobStore()
+        self.blob_token = secrets.token_hex(16)
+        dp = settings.dataplane
+        self.blob_ca, tls = server_tls(dp.certfile, dp.keyfile, dp.cafile)
+        self.blob_server = BlobServer(self.store, host=dp.host, port=dp.port, token=self.blob_token,
+                                      ssl_context=tls).start()
+        self.blob_url = dp.url or self.blob_server.url
+        self.emit("weights-server", url=self.blob_url, tls=tls is not None)
+        self.roster = Roster(grid, self.site_record, settings.rounds.handshake_timeout, self.emit)
+        self.regime = ""
+        self._take_over()
+        # sites' compute follows their windows (none: SuperNodes are started by hand); its own thread
+        self.provisioning = start_provisioning(settings.provision, settings.rounds.curtailment, self.redis_url,
+                                               self.run_id, self.run_dir,
+                                               on_event=lambda kind, fields: self.emit(kind, **fields))
+
+    def _take_over(self) -> None:
+        """Become the run's server: sites still working for an earlier incarnation stop, and rounds after
+        the checkpoint (started by a server that died before checkpointing them) may be run again."""
+        self.server_id = secrets.token_hex(6)
+        self.r.set(protocol.server_current_key(self.run_id), self.server_id)
+        self._alive = threading.Event()
+        threading.Thread(target=self._heartbeat, name="server-heartbeat", daemon=True).start()
+        stale = [k for k in self.r.scan_iter(match=coordination.key(self.run_id, "round", "*", "stop"))
+                 if int(k.split(":")[-2]) > self.model.state.round]
+        if stale:
+            self.r.delete(*stale)
+
+    def _heartbeat(self) -> None:
+        while not self._alive.is_set():
+            try:
+                self.r.set(protocol.server_alive_key(self.run_id), self.server_id, ex=protocol.ALIVE_TTL_S)
+            except redis.RedisError as error:
+                log(WARNING, "pilot: heartbeat: %s", error)
+            self._alive.wait(protocol.HEARTBEAT_S)
+
+    def site_record(self) -> ConfigRecord:
+        """What a site needs to start its trainer: the run, its directory and Redis, processes, device."""
+        return ConfigRecord({"run-id": self.run_id, "run-dir": str(self.run_dir), "redis-url": self.redis_url,
+                             "site-nproc": self.settings.sites.nproc, "site-device": self.settings.sites.device})
+
+    def training_now(self) -> frozenset[str]:
+        return policy.members(self.clock.curtailed(set(self.roster.sites)), set(self.roster.sites))
+
+    # -------------------------------------------------------------- the loop
+    def run(self) -> None:
+        self.roster.discover(force=True)
+        while True:
+            outcome = policy.run_outcome(steps_done=self.model.steps_done, horizon=self.model.horizon,
+                                         data_exhausted=self.model.ledger.exhausted(),
+                                         rounds_done=self.model.state.round,
+                                         max_rounds=self.settings.rounds.max_rounds, energy_finished=self.clock.finished())
+            if outcome is not None:
+                break
+            self.roster.discover()
+            training = self.training_now()
+            regime = policy.regime(training)
+            if regime != self.regime:
+                self.emit("regime", regime=regime, sites=sorted(training))
+                self.regime = regime
+            if regime == policy.PAUSED:
+                self.clock.wait_for_news(block_ms=1000)
+                continue
+            self.run_round(training)
+        path = self.model.finish(outcome)
+        self.emit("finished", outcome=outcome, round=self.model.state.round, tokens=self.model.state.tokens,
+                  final_model=str(path))
+
+    def dispatch(self, number: int, members: frozenset[str]) -> tuple[dict[str, Message], dict]:
+        """The round's TRAIN messages, one per member that has data to train, and their data assignments."""
+        ledger, nproc = self.model.ledger, self.settings.sites.nproc
+        digest = self.store.publish(self.model.state.weights)
+        schedule_step = self.model.steps_done
+        max_steps = -(-(self.model.horizon - schedule_step) // len(members))   # the sites share the steps left
+        # a lone site hands in its exact weights (they become the global model as they are); several hand
+        # in what the run asks for (bf16 pseudo-gradients halve the bytes)
+        update_payload = self.settings.dataplane.update_payload if len(members) > 1 else "weights-fp32"
+        messages, assignments = {}, {}
+        for site in sorted(members):
+            assignment = ledger.assign(site, world_size=nproc)
+            if not assignment.shards:
+                # no free shard left: take over the unfinished shards of sites that are not training now
+                # (from their committed cursors), rather than leave a curtailed site idle
+                released = [s for other in sorted(self.roster.seen_sites - members) for s in ledger.release(other)]
+                if released:
+                    self.emit("shards-released", shards=released, to=site)
+                    assignment = ledger.assign(site, world_size=nproc)
+            if not assignment.shards:
+                continue
+            assignments[site] = assignment
+            request = RoundRequest(round=number, server_id=self.server_id, weights_digest=digest, blob_url=self.blob_url,
+                                   blob_token=self.blob_token, shards=assignment.shards, cursors=assignment.cursors,
+                                   schedule_step=schedule_step, max_steps=max_steps, update_payload=update_payload,
+                                   blob_ca=self.blob_ca)
+            record = self.site_record()
+            record["request"] = request.to_json()
+            messages[site] = Message(RecordDict({ROUND_KEY: record}), dst_node_id=self.roster.sites[site],
+                                     message_type=MessageType.TRAIN)
+        return messages, assignments
+
+    def run_round(self, members: frozenset[str]) -> None:
+        rounds = self.settings.rounds
+        number = self.model.state.round + 1
+        messages, assignments = self.dispatch(number, members)
+        if not messages:  # nothing for these sites to train now: wait for the energy picture to change
+            self.clock.wait_for_news(block_ms=1000)
+            return
+        current = policy.Round(number, frozenset(messages), started_at=self.clock.now(),
+                               duration=rounds.round_duration, solo_interval=rounds.solo_checkpoint_interval)
+        self.emit("round-start", round=number, regime=current.regime, sites=sorted(messages),
+                  shards={s: a.shards for s, a in assignments.items()})
+        nodes = {site: message.metadata.dst_node_id for site, message in messages.items()}
+        ids = dict(zip(self.grid.push_messages(messages.values()), messages, strict=True))  # message id -> site
+        results, stop_reason = self.collect(number, current, members, ids, nodes)
+        self.runlog.drain_steps(ids.values())
+        for site, result in sorted(results.items()):
+            wall_start, wall_end = result.extra.get("wall_start"), result.extra.get("wall_end")
+            self.emit("site-result", round=number, site=site, status=result.status, reason=result.reason,
+                      tokens=result.tokens, steps=result.steps, loss=result.loss,
+                      seconds_training=result.seconds_training, seconds_total=result.seconds_total,
+                      wall_start=wall_start, wall_end=wall_end,
+                      sim_start=self.clock.time_at(wall_start) if wall_start else None,
+                      sim_end=self.clock.time_at(wall_end) if wall_end else None)
+        tokens = self.model.aggregate(number, results, assignments, self.store)
+        val_bpb = self.model.evaluate() if tokens else None
+        path = self.model.save(val_bpb)
+        self.store.retain(set())  # uploads are averaged in; the next round publishes anew
+        self.emit("round-end", round=number, regime=current.regime, sites=sorted(tokens),
+                  reason=stop_reason or "all sites done", tokens=sum(tokens.values()),
+                  total_tokens=self.model.state.tokens, loss={s: round(results[s].loss, 4) for s in tokens},
+                  val_bpb=round(val_bpb, 4) if val_bpb is not None else None,
+                  trainers={s: [r.trainer_pid, r.trainer_step] for s, r in results.items()},
+                  busy={s: round(r.seconds_training / max(r.seconds_total, 1e-9), 3)
+                        for s, r in results.items() if r.status == "ok"},
+                  training_s={s: round(r.seconds_training, 3) for s, r in results.items()},
+                  checkpoint=path.name)
+        if not any(r.status == "ok" for r in results.values()):
+            self.clock.wait_for_news(block_ms=2000)  # every site failed: do not hammer them in a tight loop
+
+    def collect(self, number: int, current: policy.Round, members: frozenset[str], ids: dict[str, str],
+                nodes: dict[str, int]) -> tuple[dict[str, RoundResult], str]:
+        """Wait for the round's results, ending the round (its stop key) when the policy says so."""
+        grace = self.settings.rounds.stop_grace
+        results: dict[str, RoundResult] = {}
+        stop_reason, stop_sent = "", None
+        while len(results) < len(ids):
+            pending = [i for i, s in ids.items() if s not in results]
+            for reply in self.grid.pull_messages(pending):
+                site = ids.get(reply.metadata.reply_to_message_id)
+                if site is None:
+                    continue
+                if reply.has_error():
+                    results[site] = RoundResult(round=number, site=site, status="error", server_id=self.server_id,
+                                                reason=f"node error: {reply.error.reason[:300]}")
+                    if reply.error.code == ErrorCode.NODE_UNAVAILABLE:  # that SuperNode is gone (an app error
+                        self.roster.node_failed(nodes[site])          # leaves the node in service)
+                else:
+                    results[site] = RoundResult.from_json(str(reply.content[RESULT_KEY]["result"]))
+            # a result also lands in the site's outbox: it counts even if the site's SuperNode died on the way
+            for site in set(ids.values()) - set(results):
+                result = self.result_in_outbox(site, number)
+                if result is not None:
+                    results[site] = result
+            if len(results) == len(ids):
+                break
+            if stop_sent is None:
+                self.roster.discover()
+                # a curtailed site that got no data this round (none left for it) is not a newcomer
+                training_now = self.training_now() - (members - current.members)
+                reason = policy.end_reason(current, self.clock.now(), training_now,
+                                           energy_finished=self.clock.finished(),
+                                           horizon_reached=self.model.horizon_reached)
+                if reason is not None:
+                    stop_reason, stop_sent = reason, time.monotonic()
+                    self.r.set(protocol.stop_key(self.run_id, number), reason, ex=24 * 3600)
+                    self.emit("round-stop", round=number, reason=reason)
+            elif time.monotonic() - stop_sent > grace:
+                # late, not lost: the site stays in service (a timeout never takes a site out of the run)
+                for site in set(ids.values()) - set(results):
+                    results[site] = RoundResult(round=number, site=site, status="error",
+                                                reason=f"no result {grace} s after the stop")
+                break
+            self.runlog.drain_steps(ids.values())
+            self.clock.wait_for_news(block_ms=int(POLL_S * 1000))
+        self.r.set(protocol.stop_key(self.run_id, number), stop_reason or "round over", ex=24 * 3600)
+        return results, stop_reason
+
+    def result_in_outbox(self, site: str, number: int) -> RoundResult | None:
+        for _, fields in self.r.xrevrange(protocol.outbox_key(self.run_id, site), count=3):
+            result = RoundResult.from_json(fields["result"])
+            if result.round == number and result.server_id == self.server_id:
+                return result
+        return None
+
+    def close(self) -> None:
+        if self.provisioning is not None:
+            self.provisioning.close()
+        for site in self.roster.seen_sites:
+            shutdown_trainer(self.r, self.run_id, site)
+        self.blob_server.stop()
+        self._alive.set()
+        self.r.delete(protocol.server_alive_key(self.run_id))
+        self.runlog.close()
+        coordination.release(self.r, self.run_dir)  # the embedded Redis stops when its last user lets go

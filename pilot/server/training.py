@@ -1,0 +1,173 @@
+"""The training side of the server, next to the global state: the model plan the sites share, the global
+model and its checkpoints, the data ledger, aggregation of a round's updates, evaluation and the final model.
+Everything torch- and nanochat-shaped on the server lives here; the loop only calls it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+
+import redis
+
+from nanochat.checkpoint import save_model
+from nanochat.common import get_base_dir
+from nanochat.dataloader import DataLoader
+from nanochat.dataset import list_parquet_files
+from nanochat.gpt import build_model
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.tokenizer import Tokenizer, get_token_bytes
+from nanochat.trainer import TrainConfig, plan_training
+from pilot import protocol
+from pilot.dataplane import payload
+from pilot.dataplane.store import BlobStore
+from pilot.protocol import RoundResult
+from pilot.server import checkpoint
+from pilot.server.aggregation import OuterOptimizer, RejectedUpdate, average_updates, check_update
+from pilot.server.checkpoint import GlobalState
+from pilot.server.ledger import Assignment, Ledger
+from pilot.settings import ModelGroup, RoundGroup
+
+
+class GlobalModel:
+    """The run's global model and everything that moves it."""
+
+    def __init__(self, client: redis.Redis, run_id: str, run_dir: Path, model: ModelGroup, rounds: RoundGroup,
+                 nproc: int, emit: Callable[..., None]):
+        self.r, self.run_id, self.run_dir, self.rounds, self.emit = client, run_id, run_dir, rounds, emit
+        self.eval_tokens = rounds.eval_tokens
+        self._plan(model, nproc)
+        self._open(rounds)
+        self.eval_model = None
+
+    # -------------------------------------------------------------- setup
+    def _plan(self, model: ModelGroup, nproc: int) -> None:
+        base = get_base_dir()
+        self.data_dir = Path(model.data_dir or base / "base_data").resolve()
+        self.tokenizer_dir = Path(model.tokenizer_dir or base / "tokenizer").resolve()
+        files = list_parquet_files(self.data_dir)
+        if len(files) < 2:
+            raise FileNotFoundError(f"{self.data_dir}: need at least 2 parquet shards (training + validation), "
+                                    f"found {len(files)}; build some with python -m nanochat.offline_corpus")
+        self.train_shards, self.val_shard = [f.name for f in files[:-1]], files[-1]
+        self.tokenizer = Tokenizer.from_directory(self.tokenizer_dir)
+        self.train_config = TrainConfig(depth=model.depth, max_seq_len=model.max_seq_len,
+                                        device_batch_size=model.device_batch_size,
+                                        total_batch_size=model.total_batch_size, compile="off")
+        if self.rounds.token_budget > 0:
+            self.train_config.num_iterations = max(1, self.rounds.token_budget // model.total_batch_size)
+        self.plan = plan_training(self.train_config, self.tokenizer.get_vocab_size(), world_size=nproc)
+        self.horizon = self.plan.num_iterations
+        spec = {**asdict(self.train_config), "num_iterations": self.horizon, "compile": "auto",
+                "data_dir": str(self.data_dir), "tokenizer_dir": str(self.tokenizer_dir)}
+        self.r.set(protocol.train_config_key(self.run_id), json.dumps(spec))
+        self.emit("setup", detail=self.plan.describe().replace("\n", "; "))
+
+    def _open(self, rounds: RoundGroup) -> None:
+        self.outer = OuterOptimizer(rounds.outer_optimizer, lr=rounds.outer_lr, momentum=rounds.outer_momentum)
+        self.ledger = Ledger(self.r, self.run_id)
+        path = checkpoint.latest(self.run_dir)
+        self.r.delete(self.ledger.key)  # the checkpoint is the truth; without one, nothing was trained yet
+        if path is None:
+            model = build_model(self.plan.model_config, device="cpu", seed=self.train_config.seed)
+            self.state = GlobalState(weights={k: v.detach().clone() for k, v in model.state_dict().items()})
+            self.ledger.init(self.train_shards)
+            self.emit("start", detail=f"new run in {self.run_dir}")
+        else:
+            self.state = checkpoint.load(path)
+            self.outer.state = self.state.outer_state
+            # Redis may have been ahead (a round that was never checkpointed) or empty: restore the snapshot
+            records = self.state.info.get("ledger", {})
+            if records:
+                self.r.hset(self.ledger.key, mapping={k: json.dumps(v, sort_keys=True) for k, v in records.items()})
+            self.ledger.init(self.train_shards)
+            self.emit("resume", detail=f"from {path.name}: round {self.state.round}, {self.state.tokens} tokens")
+
+    # -------------------------------------------------------------- where the run is
+    @property
+    def steps_done(self) -> int:
+        """Optimizer steps of the global schedule taken so far (tokens / tokens per step)."""
+        return self.state.tokens // self.plan.total_batch_size
+
+    @property
+    def horizon_reached(self) -> bool:
+        return self.steps_done >= self.horizon
+
+    # -------------------------------------------------------------- a round's work
+    def aggregate(self, number: int, results: Mapping[str, RoundResult], assignments: Mapping[str, Assignment],
+                  store: BlobStore) -> dict[str, int]:
+        """Fold a round's results into the global model; commit the ledger; returns tokens by site aggregated.
+
+        One site (the solo regime, or the only one left): plain training, no outer step; its weights are the
+        new global model (exactly, for a weights-fp32 update, which solo rounds ask for). Several: their
+        pseudo-gradients, averaged in fp32 weighted by tokens, go through the outer optimizer."""
+        updates, kinds, tokens = {}, {}, {}
+        for site, result in sorted(results.items()):
+            if result.status != "ok":
+                released = self.ledger.release(site)
+                self.emit("site-failed", round=number, site=site, reason=result.reason, reissued=released)
+                continue
+            if result.exhausted:  # its shards are trained to the end (a rejected update's rows are not redone)
+                self.ledger.finish(assignments[site].shards)
+            if result.steps == 0:
+                continue
+            blob = store.get(result.weights_digest)
+            try:
+                if blob is None:
+                    raise RejectedUpdate(f"weights {result.weights_digest[:12]} were never uploaded")
+                try:
+                    kind, tensors = payload.read_update(blob)
+                except ValueError as error:
+                    raise RejectedUpdate(str(error)) from error
+                check_update(tensors, self.state.weights, result.tokens)
+            except RejectedUpdate as error:
+                self.emit("update-rejected", round=number, site=site, reason=error)
+                self.ledger.release(site)
+                continue
+            updates[site], kinds[site], tokens[site] = tensors, kind, result.tokens
+        if len(updates) == 1:
+            ((site, update),) = updates.items()
+            new_weights = payload.decode_update(update, self.state.weights, kinds[site])
+            self.state.weights = {k: v.clone() for k, v in new_weights.items()} if kinds[site] == "weights-fp32" \
+                else new_weights
+        elif updates:
+            deltas = {s: payload.as_delta(u, self.state.weights, kinds[s]) for s, u in updates.items()}
+            self.state.weights = self.outer.step(self.state.weights, average_updates(deltas, tokens, self.state.weights))
+        for site in updates:
+            result, assignment = results[site], assignments[site]
+            if not result.exhausted and result.cursors:
+                self.ledger.commit(site, assignment.shards, result.cursors, result.world_size)
+        self.state.round = number
+        self.state.tokens += sum(tokens.values())
+        self.state.outer_state = self.outer.state
+        return tokens
+
+    def save(self, val_bpb: float | None) -> Path:
+        """Checkpoint the global state (with the ledger's snapshot)."""
+        self.state.info = {"ledger": {k: json.loads(v.to_json()) for k, v in self.ledger.records().items()},
+                           "model_config": self.plan.model_config.to_dict(), "outer": self.outer.kind,
+                           "val_bpb": val_bpb}
+        return checkpoint.save(self.run_dir, self.state)
+
+    def evaluate(self) -> float | None:
+        """Validation bits per byte of the global model on eval-tokens of the held-out shard (None: off)."""
+        if self.eval_tokens <= 0:
+            return None
+        if self.eval_model is None:  # built once: a d20 model takes seconds to build
+            self.eval_model = build_model(self.plan.model_config, device="cpu", seed=0).eval()
+        model = self.eval_model
+        model.load_state_dict(self.state.weights)
+        B, T = self.train_config.device_batch_size, self.train_config.max_seq_len
+        loader = DataLoader(self.tokenizer, B, T, split="val", files=[self.val_shard])
+        try:
+            return evaluate_bpb(model, loader, max(1, self.eval_tokens // (B * T)), get_token_bytes(self.tokenizer_dir))
+        finally:
+            loader.close()
+
+    def finish(self, outcome: str) -> Path:
+        path = self.run_dir / "final_model.safetensors"
+        save_model(path, self.state.weights, self.plan.model_config.to_dict(),
+                   extra={"round": self.state.round, "tokens": self.state.tokens, "outcome": outcome})
+        return path
