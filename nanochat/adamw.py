@@ -67,17 +67,34 @@ class AdamW(torch.optim.Optimizer):
             for name, p in zip(group["names"], group["params"], strict=True):
                 yield group, name, p
 
+    def reduce_grads(self) -> list:
+        """The first half of step() for a caller that needs the averaged gradient before any update (global-norm
+        clipping): the gradients as this optimizer will apply them, to hand back as step(reduced=...). One
+        process: the gradients as they are (DistAdamW: the averaged shards, after the collective)."""
+        return [(group, p, p.grad) for group in self.param_groups for p in group["params"] if p.grad is not None]
+
+    def held_grads(self, reduced: list) -> list[torch.Tensor]:
+        """The gradient tensors of `reduced` that this rank holds: disjoint across ranks, together the whole
+        averaged gradient (so the squared norms summed over ranks are the global squared norm)."""
+        return [grad for _, _, grad in reduced]
+
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, reduced: list | None = None, grad_scale: torch.Tensor | float | None = None):
+        """One update. reduced: from reduce_grads() (else taken now); grad_scale: multiplies the gradients
+        first, in place (the clipping coefficient)."""
+        grads_of = {id(p): grad for _, p, grad in (self.reduce_grads() if reduced is None else reduced)}
         for group in self.param_groups:
             params, grads, states = [], [], []
             for p in group["params"]:
-                if p.grad is None:
+                grad = grads_of.get(id(p))
+                if grad is None:
                     continue
+                if grad_scale is not None:
+                    grad.mul_(grad_scale)
                 if p not in self.state or not self.state[p]:
                     self.state[p] = _new_state(p)
                 params.append(p)
-                grads.append(p.grad)
+                grads.append(grad)
                 states.append(self.state[p])
             _adamw_update(params, grads, states, group)
 
@@ -136,8 +153,8 @@ class DistAdamW(AdamW):
         hi = min(lo + chunk, p.numel())
         return chunk, lo, hi
 
-    @torch.no_grad()
-    def step(self, closure=None):
+    def _reduce_scatter(self) -> list:
+        """Starts the averaging reduce-scatter of every gradient: [(group, p, chunk, lo, hi, grad_shard, work)]."""
         rank, ws = world()
         pending = []
         for group, name, p in self.named_params():
@@ -151,9 +168,29 @@ class DistAdamW(AdamW):
             grad_shard = grad.new_empty(chunk)
             work = dist.reduce_scatter_single(grad_shard, grad, op=dist.ReduceOp.AVG, async_op=True)
             pending.append((group, p, chunk, lo, hi, grad_shard, work))
+        return pending
+
+    def reduce_grads(self) -> list:
+        """The averaging collective of step(), completed: every rank holds its shard of the averaged gradient."""
+        pending = self._reduce_scatter()
+        for *_, work in pending:
+            work.wait()
+        return [(*entry[:-1], None) for entry in pending]
+
+    def held_grads(self, reduced: list) -> list[torch.Tensor]:
+        return [grad_shard[:hi - lo] for _, _, _, lo, hi, grad_shard, _ in reduced]
+
+    @torch.no_grad()
+    def step(self, closure=None, *, reduced: list | None = None, grad_scale: torch.Tensor | float | None = None):
+        # without `reduced`, each update waits only for its own reduce-scatter (communication overlaps updates)
+        rank, ws = world()
+        pending = self._reduce_scatter() if reduced is None else reduced
         gathers = []
         for group, p, chunk, lo, hi, grad_shard, work in pending:
-            work.wait()
+            if work is not None:
+                work.wait()
+            if grad_scale is not None:
+                grad_shard.mul_(grad_scale)
             flat = p.detach().view(-1)
             st = self.state.get(p)
             if not st:

@@ -88,14 +88,26 @@ class Muon(torch.optim.Optimizer):
             st["momentum_buffer"] = torch.zeros_like(p)
         return st["momentum_buffer"]
 
+    def reduce_grads(self) -> list:
+        """The first half of step() for a caller that needs the averaged gradient before any update (global-norm
+        clipping), to hand back as step(reduced=...). One process: the gradients as they are (DistMuon: each
+        owner's averaged matrices, after the collective)."""
+        return [(group, p, p.grad) for group in self.param_groups for p in group["params"] if p.grad is not None]
+
+    def held_grads(self, reduced: list) -> list[torch.Tensor]:
+        """The gradient tensors of `reduced` that this rank holds: disjoint across ranks, together the whole
+        averaged gradient (so the squared norms summed over ranks are the global squared norm)."""
+        return [grad for _, _, grad in reduced]
+
     @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = muon_update(p.grad, self._buffer(p), group["momentum"], group["nesterov"], group["ns_steps"])
-                _apply(p, update, group)
+    def step(self, closure=None, *, reduced: list | None = None, grad_scale: torch.Tensor | float | None = None):
+        """One update. reduced: from reduce_grads() (else taken now); grad_scale: multiplies the gradients
+        first, in place (the clipping coefficient)."""
+        for group, p, grad in (self.reduce_grads() if reduced is None else reduced):
+            if grad_scale is not None:
+                grad.mul_(grad_scale)
+            update = muon_update(grad, self._buffer(p), group["momentum"], group["nesterov"], group["ns_steps"])
+            _apply(p, update, group)
 
     # ------------------------------------------------------------------ state save/restore
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -134,8 +146,8 @@ class DistMuon(Muon):
     def _owns(self, name: str) -> bool:
         return self._owner()[name] == world()[0]
 
-    @torch.no_grad()
-    def step(self, closure=None):
+    def _reduce_scatter(self) -> list:
+        """Starts the averaging reduce-scatter of every chunk: [(group, chunk, mine, work)]."""
         rank, ws = world()
         scatters = []
         for group in self.param_groups:
@@ -150,11 +162,32 @@ class DistMuon(Muon):
                 mine = torch.empty_like(chunk[0])
                 work = dist.reduce_scatter(mine, grads, op=dist.ReduceOp.AVG, async_op=True)
                 scatters.append((group, chunk, mine, work))
+        return scatters
+
+    def reduce_grads(self) -> list:
+        """The averaging collective of step(), completed: each rank holds the averaged matrices it owns."""
+        scatters = self._reduce_scatter()
+        for *_, work in scatters:
+            work.wait()
+        return [(group, chunk, mine, None) for group, chunk, mine, _ in scatters]
+
+    def held_grads(self, reduced: list) -> list[torch.Tensor]:
+        rank, _ = world()
+        return [mine for _, chunk, mine, _ in reduced if rank < len(chunk)]   # padding slots hold zeros
+
+    @torch.no_grad()
+    def step(self, closure=None, *, reduced: list | None = None, grad_scale: torch.Tensor | float | None = None):
+        # without `reduced`, each update waits only for its own reduce-scatter (communication overlaps updates)
+        rank, ws = world()
+        scatters = self._reduce_scatter() if reduced is None else reduced
         gathers = []
         for group, chunk, mine, work in scatters:
-            work.wait()
+            if work is not None:
+                work.wait()
             if rank < len(chunk):
                 p = chunk[rank]
+                if grad_scale is not None:
+                    mine.mul_(grad_scale)
                 update = muon_update(mine, self._buffer(p), group["momentum"], group["nesterov"], group["ns_steps"])
                 _apply(p, update, group)
                 src = p.detach()

@@ -62,6 +62,7 @@ class TrainConfig:
     muon_momentum_start: float = 0.85
     muon_momentum_end: float = 0.95
     muon_momentum_warmup_steps: int = 300
+    grad_clip: float = 1.0          # clip the global gradient norm (all ranks, Muon and AdamW) to this; 0: off
     # runtime
     seed: int = 42
     compile: str = "auto"           # auto: on CUDA only; on; off
@@ -126,6 +127,8 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> GPTConfig:
             f"(e.g. {lo:,} or {lo + per_micro:,}) or change --device_batch_size")
     if cfg.num_iterations <= 0 and not cfg.target_param_data_ratio > 0:
         raise ValueError("set a horizon: --num_iterations N (> 0) or --target_param_data_ratio R (> 0)")
+    if not (math.isfinite(cfg.grad_clip) and cfg.grad_clip >= 0):
+        raise ValueError(f"--grad_clip must be >= 0 (0: no clipping), got {cfg.grad_clip}")
     for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ValueError(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
@@ -274,6 +277,7 @@ class StepResult:
     dt: float                 # seconds of this step
     tokens_per_sec: float
     stop: bool = False        # every rank agreed to stop at this step boundary
+    grad_norm: float | None = None  # global norm of the averaged gradient before clipping (None: grad_clip 0)
 
 
 @dataclass
@@ -381,8 +385,12 @@ class Trainer:
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"training loss is {loss_value} at step {self.step_count + 1}; lower the "
                                      f"learning rates or check the data")
-        for opt in self.optimizers.values():
-            opt.step()
+        grad_norm = None
+        if self.cfg.grad_clip > 0:
+            grad_norm = self._clipped_step(self.cfg.grad_clip)
+        else:
+            for opt in self.optimizers.values():
+                opt.step()
         self.model.zero_grad(set_to_none=True)
         self.step_count += 1
         self.tokens_trained += self.plan.total_batch_size
@@ -390,7 +398,38 @@ class Trainer:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         return StepResult(step=self.step_count, loss=loss_value, lr_multiplier=lrm, tokens=self.tokens_trained,
-                          dt=dt, tokens_per_sec=self.plan.total_batch_size / dt, stop=any_stop > 0)
+                          dt=dt, tokens_per_sec=self.plan.total_batch_size / dt, stop=any_stop > 0,
+                          grad_norm=None if grad_norm is None else float(grad_norm))
+
+    def _clipped_step(self, max_norm: float) -> torch.Tensor:
+        """Every optimizer's step with the gradient scaled to global norm <= max_norm; returns the norm before.
+
+        The norm is that of the gradient the optimizers apply: averaged over ranks, across Muon and AdamW
+        together (as torch.nn.utils.clip_grad_norm_ over all parameters in one process). Under torchrun the
+        averaging happens inside DistMuon/DistAdamW (a reduce-scatter: each rank then holds the averaged
+        gradient of the matrices / flat shards it updates, disjoint across ranks). Clipping p.grad before
+        step() would clip each rank's local gradient by its own norm, which differs between ranks and is not
+        the averaged gradient's. So the step is split: reduce_grads() completes each optimizer's collective,
+        every rank sums the squares of the averaged pieces it holds, one scalar all-reduce gives the global
+        squared norm (the same value on every rank), and step(reduced=..., grad_scale=...) updates with the
+        scaled pieces. No extra gradient traffic; the cost is that updates no longer overlap the reduce-scatter.
+        A non-finite norm raises FloatingPointError on every rank with no update taken.
+        """
+        reduced = {name: opt.reduce_grads() for name, opt in self.optimizers.items()}
+        norms = [torch.linalg.vector_norm(g.detach(), dtype=torch.float32)
+                 for name, opt in self.optimizers.items() for g in opt.held_grads(reduced[name])]
+        sq = torch.stack(norms).square().sum() if norms else torch.zeros((), device=self.device)
+        if self.distributed:
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM)
+        norm = sq.sqrt()
+        if not math.isfinite(norm.item()):
+            self.model.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"gradient norm is {norm.item()} at step {self.step_count + 1}; no update "
+                                     f"taken")
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for name, opt in self.optimizers.items():
+            opt.step(reduced=reduced[name], grad_scale=scale)
+        return norm
 
     # -------------------------------------------------------------- evaluation
     def evaluate_bpb(self, val_batches, steps: int, token_bytes: torch.Tensor) -> float:
@@ -564,6 +603,8 @@ def format_progress(result: StepResult, num_iterations: int, eta_s: float | None
     pct = 100.0 * result.step / num_iterations
     parts = [f"step {result.step:05d}/{num_iterations:05d} ({pct:5.1f}%)", f"loss {result.loss:.6f}",
              f"lrm {result.lr_multiplier:.3f}", f"dt {result.dt * 1000:.0f}ms", f"tok/s {result.tokens_per_sec:,.0f}"]
+    if result.grad_norm is not None:
+        parts.append(f"gnorm {result.grad_norm:.3f}")
     if mfu is not None:
         parts.append(f"mfu {mfu:.1f}%")
     if eta_s is not None:

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "final_lr_frac", "muon_momentum_start", "muon_momentum_end"):
         g.add_argument(f"--{name}", type=float, default=getattr(d, name))
     g.add_argument("--muon_momentum_warmup_steps", type=int, default=d.muon_momentum_warmup_steps)
+    g.add_argument("--grad_clip", type=float, default=d.grad_clip,
+                   help="clip the global norm of the averaged gradient to this before every step (0: off)")
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval_every", type=int, default=250, help="validation bpb every N steps (<= 0: never)")
     g.add_argument("--eval_tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
@@ -133,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
 
     # ---- every check that can fail runs before any process group, model or data exists
+    from nanochat.distributed import gpu_job_without_gpu
+    if not args.dry_run and (no_gpu := gpu_job_without_gpu(args.device_type, cfg.depth, world_size)):
+        return fail(no_gpu)
     try:
         validate_config(cfg, world_size)
     except ValueError as e:
@@ -238,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         if metrics_file is not None:
             record = {"step": result.step, "loss": result.loss, "lrm": result.lr_multiplier,
                       "tokens": result.tokens, "dt": result.dt, "wall_ts": round(time.time(), 3)}
+            if result.grad_norm is not None:
+                record["grad_norm"] = result.grad_norm
             if val_bpb is not None:
                 record["val_bpb"] = val_bpb
             metrics_file.write(json.dumps(record) + "\n")
@@ -245,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         if wandb_run is not None:
             wandb_run.log({"train/loss": result.loss, "train/lrm": result.lr_multiplier,
                            "train/tok_per_sec": result.tokens_per_sec,
+                           **({"train/grad_norm": result.grad_norm} if result.grad_norm is not None else {}),
                            **({"val/bpb": val_bpb} if val_bpb is not None else {})}, step=result.step)
 
     try:
