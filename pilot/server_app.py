@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from logging import ERROR
+
 from flwr.app import Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from pilot import settings
@@ -13,7 +16,12 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    federation = Federation(grid, settings.load(context.run_config))
+    try:
+        run_settings = settings.load(context.run_config)
+    except settings.SettingError as error:  # said where `flwr run --stream` shows it, then the run fails
+        log(ERROR, "pilot: refused run configuration: %s", error)
+        raise
+    federation = Federation(grid, run_settings)
     try:
         federation.run()
     finally:

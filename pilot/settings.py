@@ -51,6 +51,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max-seq-len", 256, "Context length in tokens."),
     Setting("device-batch-size", 4, "Sequences per rank per micro-step."),
     Setting("total-batch-size", 2048, "Tokens per optimizer step of a site (524288 for d20)."),
+    # optimization: the names of scripts/base_train.py's flags with '-' for '_' (--matrix_lr is matrix-lr)
+    Setting("lr", 1.0,
+            "Multiplier of nanochat's three learning rates (matrix-lr, embedding-lr, unembedding-lr): the "
+            "prototype's one knob. lr=0.5 halves all three; the three can also be set one by one."),
+    Setting("matrix-lr", 0.02, "Muon learning rate of the transformer's matrices."),
+    Setting("embedding-lr", 0.2, "AdamW learning rate of the token embedding."),
+    Setting("unembedding-lr", 0.004, "AdamW learning rate of the output head."),
+    Setting("weight-decay", 0.0, "Weight decay."),
+    Setting("warmup-ratio", 0.0, "Share of the schedule's horizon spent warming the learning rate up."),
+    Setting("warmdown-ratio", 0.2, "Share of the horizon spent decaying the learning rate to final-lr-frac."),
+    Setting("final-lr-frac", 0.0, "Learning-rate multiplier at and past the horizon (never negative)."),
+    Setting("grad-clip", 1.0, "Clip the global gradient norm to this before every step, as classic nanochat (0: off)."),
     Setting("max-rounds", 0, "End the run after this many rounds (0: no limit; the token budget still applies)."),
     Setting("token-budget", 0,
             "Tokens to train in all (the schedule's horizon). 0: 20 tokens per parameter (Chinchilla)."),
@@ -101,22 +113,84 @@ SETTINGS: tuple[Setting, ...] = (
 BY_KEY = {s.key: s for s in SETTINGS}
 
 
+class SettingError(ValueError):
+    """A run setting that cannot be used: names the key, what was expected and, for a typo, the closest key."""
+
+    def __str__(self) -> str:  # a KeyError would print its message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownSetting(SettingError, KeyError):
+    pass
+
+
+class BadSettingValue(SettingError, TypeError):
+    pass
+
+
+RANGES = {  # numeric settings that must lie in a range: (low, high, inclusive low)
+    "lr": (0.0, None, False), "matrix-lr": (0.0, None, True), "embedding-lr": (0.0, None, True),
+    "unembedding-lr": (0.0, None, True), "weight-decay": (0.0, None, True), "warmup-ratio": (0.0, 1.0, True),
+    "warmdown-ratio": (0.0, 1.0, True), "final-lr-frac": (0.0, 1.0, True), "grad-clip": (0.0, None, True),
+    "round-duration": (0.0, None, False), "solo-checkpoint-interval": (0.0, None, False),
+    "outer-lr": (0.0, None, False), "outer-momentum": (0.0, 1.0, True), "depth": (1, None, True),
+    "max-seq-len": (1, None, True), "device-batch-size": (1, None, True), "total-batch-size": (1, None, True),
+    "site-nproc": (1, None, True), "eval-tokens": (0, None, True), "token-budget": (0, None, True),
+    "max-rounds": (0, None, True),
+}
+
+
+def closest(key: str) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(key, list(BY_KEY), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else f"; known: {', '.join(sorted(BY_KEY))}"
+
+
+def check_value(key: str, value: Any) -> Any:
+    """`value` as the setting's type, or SettingError naming the key, the expected type and the range."""
+    if key not in BY_KEY:
+        raise UnknownSetting(f"unknown run setting {key!r}{closest(key)} (`pilot config` lists them all)")
+    expected = type(BY_KEY[key].default)
+    if expected is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        example = f'{key}="{BY_KEY[key].default}"' if expected is str else f"{key}={BY_KEY[key].default}"
+        raise BadSettingValue(f"run setting {key!r} must be {expected.__name__} (e.g. {example}), got {value!r}")
+    if key in RANGES:
+        low, high, inclusive = RANGES[key]
+        if value != value or (value < low if inclusive else value <= low) or (high is not None and value > high):
+            bound = f"{'>=' if inclusive else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+            raise BadSettingValue(f"run setting {key!r} must be {bound}, got {value!r}")
+    return value
+
+
 def resolve(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """Defaults overlaid with a run config; an unknown key is an error that names the known ones."""
-    unknown = sorted(set(run_config) - set(BY_KEY))
-    if unknown:
-        raise KeyError(f"unknown run setting(s) {unknown}; known: {sorted(BY_KEY)}")
+    """Defaults overlaid with a run config; a bad key or value is a SettingError that says what to type."""
     values = {s.key: s.default for s in SETTINGS}
     for k, v in run_config.items():
-        expected = type(BY_KEY[k].default)
-        if expected is int and isinstance(v, float) and v.is_integer():
-            v = int(v)
-        if expected is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if not isinstance(v, expected) or (expected is int and isinstance(v, bool)):
-            raise TypeError(f"run setting {k!r} must be {expected.__name__}, got {v!r}")
-        values[k] = v
+        values[k] = check_value(k, v)
     return values
+
+
+def parse_run_config(text: str) -> dict[str, Any]:
+    """`--run-config` text as Flower reads it ('key=value key2="text"', TOML values)."""
+    import shlex
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for part in shlex.split(text, posix=False):
+        key, sep, raw = part.partition("=")
+        if not sep:
+            raise SettingError(f"run config {part!r} is not key=value")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError as error:
+            raise SettingError(f"run setting {key!r}: {raw!r} is not a value (strings need quotes: "
+                               f'{key}="{raw}"): {error}') from None
+    return out
 
 
 # ------------------------------------------------------------------ typed groups: the settings as code reads them
@@ -151,6 +225,22 @@ class ModelGroup:
     total_batch_size: int
     data_dir: str
     tokenizer_dir: str
+    lr: float
+    matrix_lr: float
+    embedding_lr: float
+    unembedding_lr: float
+    weight_decay: float
+    warmup_ratio: float
+    warmdown_ratio: float
+    final_lr_frac: float
+    grad_clip: float
+
+    def optimization(self) -> dict[str, float]:
+        """The TrainConfig fields these settings set (lr multiplies the three learning rates)."""
+        return {"matrix_lr": self.matrix_lr * self.lr, "embedding_lr": self.embedding_lr * self.lr,
+                "unembedding_lr": self.unembedding_lr * self.lr, "weight_decay": self.weight_decay,
+                "warmup_ratio": self.warmup_ratio, "warmdown_ratio": self.warmdown_ratio,
+                "final_lr_frac": self.final_lr_frac, "grad_clip": self.grad_clip}
 
 
 @dataclass(frozen=True)
@@ -199,7 +289,9 @@ class Settings:
 # which group and field each key fills (a key's field is its name with '-' as '_', less the group's prefix)
 _GROUPS = {"run": RunGroup, "rounds": RoundGroup, "model": ModelGroup, "sites": SiteGroup,
            "dataplane": DataPlaneGroup, "provision": ProvisionGroup}
-_PLACE = {"run-id": "run", "run-dir": "run", "redis-url": "run", "wandb-mode": "run",
+_PLACE = {"lr": "model", "matrix-lr": "model", "embedding-lr": "model", "unembedding-lr": "model",
+          "weight-decay": "model", "warmup-ratio": "model", "warmdown-ratio": "model", "final-lr-frac": "model",
+          "grad-clip": "model", "run-id": "run", "run-dir": "run", "redis-url": "run", "wandb-mode": "run",
           "depth": "model", "max-seq-len": "model", "device-batch-size": "model", "total-batch-size": "model",
           "data-dir": "model", "tokenizer-dir": "model", "site-nproc": "sites", "site-device": "sites",
           "update-payload": "dataplane", "provisioner": "provision"}

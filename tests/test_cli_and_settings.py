@@ -45,3 +45,22 @@ def test_resolve_overlays_and_checks_types():
         settings.resolve({"round-durration": 60})
     with pytest.raises(TypeError, match="round-duration"):
         settings.resolve({"round-duration": "ten minutes"})
+
+
+def test_training_hyperparameters_are_run_settings_and_bad_input_says_what_to_type():
+    """The prototype's `--run-config "lr=0.0005"`: lr multiplies nanochat's three learning rates (the run's
+    TrainConfig gets them); a typo names the closest key, a wrong type or range names what is expected."""
+    tuned = settings.load({}).model.optimization()
+    halved = settings.load({"lr": 0.5, "weight-decay": 0.1, "grad-clip": 0.0}).model.optimization()
+    for name in ("matrix_lr", "embedding_lr", "unembedding_lr"):
+        assert halved[name] == pytest.approx(tuned[name] / 2)
+    assert halved["weight_decay"] == 0.1 and halved["grad_clip"] == 0.0
+    assert settings.parse_run_config('lr=0.0005 run-id="x" depth=2') == {"lr": 0.0005, "run-id": "x", "depth": 2}
+    with pytest.raises(settings.SettingError, match="unknown run setting 'matrix_lr'; did you mean 'matrix-lr'"):
+        settings.load({"matrix_lr": 0.01})
+    with pytest.raises(settings.SettingError, match="'warmup-ratio' must be >= 0.0 and <= 1.0, got 1.5"):
+        settings.load({"warmup-ratio": 1.5})
+    with pytest.raises(settings.SettingError, match=r"'depth' must be int \(e.g. depth=4\), got 'deep'"):
+        settings.load({"depth": "deep"})
+    with pytest.raises(settings.SettingError, match='strings need quotes: run-id="x"'):
+        settings.parse_run_config("run-id=x")

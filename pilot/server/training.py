@@ -55,7 +55,8 @@ class GlobalModel:
         self.tokenizer = Tokenizer.from_directory(self.tokenizer_dir)
         self.train_config = TrainConfig(depth=model.depth, max_seq_len=model.max_seq_len,
                                         device_batch_size=model.device_batch_size,
-                                        total_batch_size=model.total_batch_size, compile="off")
+                                        total_batch_size=model.total_batch_size, compile="off",
+                                        **model.optimization())
         if self.rounds.token_budget > 0:
             self.train_config.num_iterations = max(1, self.rounds.token_budget // model.total_batch_size)
         self.plan = plan_training(self.train_config, self.tokenizer.get_vocab_size(), world_size=nproc)
