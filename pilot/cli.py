@@ -74,6 +74,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """Check the run configuration here, where the person typing sees the answer, then hand over to flwr."""
+    try:
+        settings.load(settings.parse_run_config(args.run_config or ""))
+    except settings.SettingError as error:
+        print(f"pilot run: refused: {error}", file=sys.stderr)
+        return 2
+    command = ["flwr", "run", str(PROJECT_ROOT), args.connection, *(["--run-config", args.run_config] if args.run_config else []),
+               *(["--stream"] if args.stream else [])]
+    print("pilot run: run configuration checked; " + shlex.join(command), flush=True)
+    os.environ.update({k: v for k, v in flwr_environment().items() if k not in os.environ})
+    os.execvp(command[0], command)
+    return 0  # not reached
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pilot",
@@ -85,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update-files", action="store_true",
                    help="rewrite the settings in pyproject.toml and README.md from pilot/settings.py")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("run", help="check a run configuration, then `flwr run . CONNECTION` with it",
+                       description="`flwr run` refuses an unknown setting with only 'Invalid run configuration'; this "
+                                   "checks every key, type and range first and names the closest known key.")
+    p.add_argument("connection", help="a connection of .flwr/config.toml: local-simulation, local-deployment, ...")
+    p.add_argument("--run-config", default="", help='settings as flwr takes them: \'lr=0.5 run-id="r1"\'')
+    p.add_argument("--stream", action="store_true", help="stream the run's log (as flwr run --stream)")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("env", help="print the environment `flwr` needs for this project (eval \"$(pilot env)\")")
     p.set_defaults(func=cmd_env)

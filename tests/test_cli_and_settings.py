@@ -64,3 +64,16 @@ def test_training_hyperparameters_are_run_settings_and_bad_input_says_what_to_ty
         settings.load({"depth": "deep"})
     with pytest.raises(settings.SettingError, match='strings need quotes: run-id="x"'):
         settings.parse_run_config("run-id=x")
+
+
+def test_pilot_run_refuses_a_bad_run_configuration_before_flower_sees_it():
+    """`flwr run` says only "Invalid run configuration" for a typo; `pilot run` names the key and the fix."""
+    import subprocess
+    import sys
+
+    for text, message in [("round-durration=60", "did you mean 'round-duration'?"),
+                          ('lr="fast"', "'lr' must be float"), ("lr=0.5 depth=0", "'depth' must be >= 1")]:
+        done = subprocess.run([sys.executable, "-m", "pilot.cli", "run", "local-simulation", "--run-config", text],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and message in done.stderr, (text, done.stderr)
+        assert "flwr run" not in done.stdout, "nothing was handed to Flower"
