@@ -42,6 +42,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds the ServerApp waits for every SuperNode to say which site it is."),
     Setting("stop-grace", 120,
             "Wall seconds a stopped site may take to hand in its work before it counts as lost."),
+    Setting("round-mode", "sync",
+            'How a federated round meets the next one: "sync" (a site stops, hands in its update and waits for the '
+            'new global model) or "overlap" (a site keeps training while its update travels and folds the new '
+            'global model in when it arrives, one round late: Streaming DiLoCo\'s overlapped outer step).'),
     Setting("outer-optimizer", "none",
             'How averaged updates are applied: "none" (federated averaging) or "nesterov" (DiLoCo).'),
     Setting("outer-lr", 0.7, "Outer learning rate (nesterov)."),
@@ -79,6 +83,9 @@ SETTINGS: tuple[Setting, ...] = (
     # sites
     Setting("site-nproc", 1, "Processes of each site trainer (its GPUs; gloo processes on CPU)."),
     Setting("site-device", "auto", 'Device of the site trainers: "auto" (CUDA when present), "cuda" or "cpu".'),
+    Setting("emulate-step-s", 0.0,
+            "BENCHMARKS ONLY: each optimizer step is an emulated GPU step of this many seconds (a fixed-duration "
+            "stand-in that still changes every weight), to measure the system around the GPU. 0: real training."),
     # elastic sites (pilot/provision/, docs/provisioning.md)
     Setting("provisioner", "none",
             'Who brings sites\' compute up and down with their windows: "none" (SuperNodes started by hand), '
@@ -135,8 +142,15 @@ RANGES = {  # numeric settings that must lie in a range: (low, high, inclusive l
     "round-duration": (0.0, None, False), "solo-checkpoint-interval": (0.0, None, False),
     "outer-lr": (0.0, None, False), "outer-momentum": (0.0, 1.0, True), "depth": (1, None, True),
     "max-seq-len": (1, None, True), "device-batch-size": (1, None, True), "total-batch-size": (1, None, True),
-    "site-nproc": (1, None, True), "eval-tokens": (0, None, True), "token-budget": (0, None, True),
+    "site-nproc": (1, None, True), "emulate-step-s": (0.0, None, True), "eval-tokens": (0, None, True), "token-budget": (0, None, True),
     "max-rounds": (0, None, True),
+}
+
+
+CHOICES = {  # string settings with a fixed set of values
+    "curtailment": ("energy", "always"), "round-mode": ("sync", "overlap"), "outer-optimizer": ("none", "nesterov"),
+    "site-device": ("auto", "cuda", "cpu"), "provisioner": ("none", "local", "kubernetes"),
+    "wandb-mode": ("", "offline", "online", "disabled"),
 }
 
 
@@ -159,6 +173,9 @@ def check_value(key: str, value: Any) -> Any:
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         example = f'{key}="{BY_KEY[key].default}"' if expected is str else f"{key}={BY_KEY[key].default}"
         raise BadSettingValue(f"run setting {key!r} must be {expected.__name__} (e.g. {example}), got {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise BadSettingValue(f"run setting {key!r} must be one of {', '.join(repr(c) for c in CHOICES[key])}, "
+                              f"got {value!r}")
     if key in RANGES:
         low, high, inclusive = RANGES[key]
         if value != value or (value < low if inclusive else value <= low) or (high is not None and value > high):
@@ -207,6 +224,7 @@ class RoundGroup:
     curtailment: str
     round_duration: float
     solo_checkpoint_interval: float
+    round_mode: str
     handshake_timeout: float
     stop_grace: float
     outer_optimizer: str
@@ -247,6 +265,7 @@ class ModelGroup:
 class SiteGroup:
     nproc: int
     device: str
+    emulate_step_s: float
 
 
 @dataclass(frozen=True)
@@ -293,7 +312,7 @@ _PLACE = {"lr": "model", "matrix-lr": "model", "embedding-lr": "model", "unembed
           "weight-decay": "model", "warmup-ratio": "model", "warmdown-ratio": "model", "final-lr-frac": "model",
           "grad-clip": "model", "run-id": "run", "run-dir": "run", "redis-url": "run", "wandb-mode": "run",
           "depth": "model", "max-seq-len": "model", "device-batch-size": "model", "total-batch-size": "model",
-          "data-dir": "model", "tokenizer-dir": "model", "site-nproc": "sites", "site-device": "sites",
+          "data-dir": "model", "tokenizer-dir": "model", "site-nproc": "sites", "site-device": "sites", "emulate-step-s": "sites",
           "update-payload": "dataplane", "provisioner": "provision"}
 _PREFIX = {"sites": "site_", "dataplane": "blob_", "provision": "provision_"}
 

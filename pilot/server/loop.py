@@ -59,7 +59,7 @@ class Federation:
         self.emit = ServerEvents(self.r, self.run_id, self.runlog, self.clock.time_at)
         self.clock.on_event = self.emit
         self.model = GlobalModel(self.r, self.run_id, self.run_dir, settings.model, settings.rounds,
-                                 settings.sites.nproc, self.emit)
+                                 settings.sites.nproc, self.emit, emulate_step_s=settings.sites.emulate_step_s)
         self.store = BlobStore()
         self.blob_token = secrets.token_hex(16)
         dp = settings.dataplane

@@ -35,9 +35,10 @@ class GlobalModel:
     """The run's global model and everything that moves it."""
 
     def __init__(self, client: redis.Redis, run_id: str, run_dir: Path, model: ModelGroup, rounds: RoundGroup,
-                 nproc: int, emit: Callable[..., None]):
+                 nproc: int, emit: Callable[..., None], emulate_step_s: float = 0.0):
         self.r, self.run_id, self.run_dir, self.rounds, self.emit = client, run_id, run_dir, rounds, emit
         self.eval_tokens = rounds.eval_tokens
+        self.emulate_step_s = emulate_step_s
         self._plan(model, nproc)
         self._open(rounds)
         self.eval_model = None
@@ -57,6 +58,8 @@ class GlobalModel:
                                         device_batch_size=model.device_batch_size,
                                         total_batch_size=model.total_batch_size, compile="off",
                                         **model.optimization())
+        if self.emulate_step_s > 0:  # benchmarks only: a fixed-duration stand-in for each GPU step (nanochat/trainer.py)
+            self.train_config.emulate_step_s = self.emulate_step_s
         if self.rounds.token_budget > 0:
             self.train_config.num_iterations = max(1, self.rounds.token_budget // model.total_batch_size)
         self.plan = plan_training(self.train_config, self.tokenizer.get_vocab_size(), world_size=nproc)
