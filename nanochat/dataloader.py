@@ -9,7 +9,7 @@ never overlap; documents of different sites never overlap when sites get disjoin
 The cursor (`state_dict()`) names the next input token by (shard file, row, token offset in that document):
 
     {"file": "shard_00003.parquet", "row": 118, "offset": 37,   # required; the rest is bookkeeping
-     "epoch": 0, "tokens": 1048576, "rank": 0, "world_size": 2, "skipped": []}
+     "epoch": 0, "tokens": 1048576, "rank": 0, "world_size": 2}
 
 A loader built with that state yields exactly the batches an uninterrupted loader would have yielded
 next. Shards listed before `file` are finished; in `file`, this rank's rows before `row` are finished.
@@ -18,13 +18,15 @@ loader anywhere (e.g. a site taking over the rest of another site's shard).
 
 Shards are read one row group at a time and tokenized in batches on a background thread (tiktoken
 spreads each batch over `tokenizer_threads` threads), so the training step rarely waits for data.
-An unreadable shard (or row group) is reported by name on stderr and skipped; `skipped` records it.
+A shard that cannot be read raises ShardError naming the file and why (missing, not parquet, no `text`
+column, a row group that does not decode), never a silent skip: a shard counts as trained only when its
+rows were, so the caller must learn that they were not. The files still ahead of the cursor are checked
+when the loader is built (their parquet footers: cheap), so a bad shard is reported before any step.
 """
 
 from __future__ import annotations
 
 import queue
-import sys
 import threading
 import weakref
 from collections import deque
@@ -40,6 +42,27 @@ TOKENIZER_BATCH = 64     # documents per tokenizer call
 TOKENIZER_THREADS = 4    # tiktoken threads per call
 PREFETCH = 8             # tokenized document batches buffered ahead of the consumer
 STATE_VERSION = 1
+
+
+class ShardError(RuntimeError):
+    """A shard cannot be read: `file` (its name) and `reason` say which and why; `row` is the first row not read
+    (the rows before it were handed on)."""
+
+    def __init__(self, file: str, reason: str, row: int = 0):
+        super().__init__(f"{file}: {reason}")
+        self.file, self.reason, self.row = file, reason, row
+
+
+def check_shard(path: Path) -> None:
+    """Raise ShardError unless `path` is a parquet file with a `text` column (reads the footer only)."""
+    if not path.exists():
+        raise ShardError(path.name, f"missing (no file at {path})")
+    try:
+        schema = pq.ParquetFile(path).schema_arrow
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for truncated or garbled files
+        raise ShardError(path.name, f"not a readable parquet file ({type(e).__name__}: {e})") from e
+    if "text" not in schema.names:
+        raise ShardError(path.name, f"no 'text' column (columns: {', '.join(schema.names[:8]) or 'none'})")
 
 
 @dataclass
@@ -75,39 +98,44 @@ class _Producer:
         return False
 
     def rows(self, file_index: int, start_row: int):
-        """(row, text) of this rank's rows from start_row on, one row group at a time; (None, why) on a read error."""
+        """(row, text) of this rank's rows from start_row on, one row group at a time; ShardError on a read error."""
         path = self.files[file_index]
         try:
+            check_shard(path)
+        except ShardError as e:
+            raise ShardError(e.file, e.reason, start_row) from e
+        group, first = -1, 0
+        try:
             pf = pq.ParquetFile(path)
-            first = 0
-            for g in range(pf.num_row_groups):
-                n = pf.metadata.row_group(g).num_rows
+            for group in range(pf.num_row_groups):
+                n = pf.metadata.row_group(group).num_rows
                 if first + n > start_row:
-                    texts = pf.read_row_group(g, columns=["text"]).column("text").to_pylist()
+                    texts = pf.read_row_group(group, columns=["text"]).column("text").to_pylist()
                     for i, text in enumerate(texts):
                         row = first + i
                         if row >= start_row and row % self.world_size == self.rank:
                             yield row, text
                 first += n
-        except Exception as e:  # truncated / garbled parquet, missing file, no text column
-            yield None, f"{path.name}: unreadable shard, skipping the rest of it ({type(e).__name__}: {e})"
+        except Exception as e:  # truncated / garbled parquet, a file changed under us
+            where = f"row group {group}" if group >= 0 else "footer"
+            raise ShardError(path.name, f"unreadable at its {where} ({type(e).__name__}: {e})",
+                             max(first, start_row)) from e
 
     def run(self, file_index: int, start_row: int, start_offset: int, epoch: int) -> None:
         try:
             while True:
                 for fi in range(file_index, len(self.files)):
                     pending: list[tuple[int, str]] = []
-                    for row, text in self.rows(fi, start_row):
-                        if row is None:
-                            if not self.flush(fi, pending, start_row, start_offset) or not self.put(("skip", text)):
-                                return
-                            pending = []
-                            break
-                        pending.append((row, text))
-                        if len(pending) >= self.batch:
-                            if not self.flush(fi, pending, start_row, start_offset):
-                                return
-                            pending = []
+                    try:
+                        for row, text in self.rows(fi, start_row):
+                            pending.append((row, text))
+                            if len(pending) >= self.batch:
+                                if not self.flush(fi, pending, start_row, start_offset):
+                                    return
+                                pending = []
+                    except ShardError:   # the rows read before the bad part go out first, then the error
+                        self.flush(fi, pending, start_row, start_offset)
+                        raise
                     if not self.flush(fi, pending, start_row, start_offset):
                         return
                     start_row, start_offset = 0, 0
@@ -117,8 +145,8 @@ class _Producer:
                 if not self.put(("docs", [_Doc(-1, epoch, [], 0)])):   # marker: the stream wraps here
                     return
             self.put(_END)
-        except BaseException as e:  # hand any failure to the consumer instead of dying silently
-            self.put(("error", e))
+        except BaseException as e:  # hand any failure to the consumer instead of dying silently (the rows
+            self.put(("error", e))     # read before it were handed on first, in order)
 
     def flush(self, fi: int, pending: list[tuple[int, str]], start_row: int, start_offset: int) -> bool:
         if not pending:
@@ -155,7 +183,7 @@ class DataLoader:
         self.tokenizer_threads, self.tokenizer_batch = tokenizer_threads, tokenizer_batch
 
         names = [f.name for f in self.files]
-        self.epoch, self.tokens, self.skipped = 0, 0, []
+        self.epoch, self.tokens = 0, 0
         start_file, start_row, start_offset = 0, 0, 0
         if state is not None:
             for key in ("file", "row", "offset"):
@@ -169,11 +197,13 @@ class DataLoader:
                                  f"this loader is rank {rank} of {world_size}: documents would be skipped or repeated")
             start_file, start_row, start_offset = names.index(state["file"]), int(state["row"]), int(state["offset"])
             self.epoch, self.tokens = int(state.get("epoch", 0)), int(state.get("tokens", 0))
-            self.skipped = list(state.get("skipped", []))
+        for path in self.files[start_file:]:   # the shards ahead: a bad one is reported now, not mid-round
+            check_shard(path)
 
         self._docs: deque[_Doc] = deque()
         self._buffered = 0                     # tokens in self._docs not yet consumed
         self._exhausted = False
+        self._error: BaseException | None = None     # the producer's failure, raised on every later read
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         # the thread holds no reference to the loader, so a dropped loader is collected and its thread stops
@@ -187,6 +217,8 @@ class DataLoader:
     # ------------------------------------------------------------------ consumer
     def _fill(self, need: int) -> bool:
         while self._buffered < need:
+            if self._error is not None:
+                raise self._error
             if self._exhausted:
                 return False
             item = self._queue.get()
@@ -197,14 +229,11 @@ class DataLoader:
             if kind == "docs":
                 self._docs.extend(payload)
                 self._buffered += sum(d.left for d in payload)
-            elif kind == "skip":
-                print(f"warning: {payload}", file=sys.stderr)
-                name = payload.split(":", 1)[0]
-                if name not in self.skipped:
-                    self.skipped.append(name)
             elif kind == "error":
-                self._exhausted = True
-                raise RuntimeError(f"data loader thread failed: {payload}") from payload
+                self._error = payload if isinstance(payload, ShardError) else RuntimeError(
+                    f"data loader thread failed: {payload}")
+                if self._error is not payload:
+                    self._error.__cause__ = payload
         return True
 
     def __iter__(self):
@@ -244,16 +273,21 @@ class DataLoader:
         """JSON-serialisable cursor after the last batch returned (see the module docstring)."""
         self._skip_empty_heads()
         if not self._docs:
-            self._fill(1)                         # the cursor is the next document, wherever it is
+            try:
+                self._fill(1)                     # the cursor is the next document, wherever it is
+            except ShardError as e:               # it is where the unreadable shard stopped being read
+                return self._cursor(e.file, e.row, 0)
             self._skip_empty_heads()
         if self._docs:
             head = self._docs[0]
             file, row, offset = self.files[head.file_index].name, head.row, head.pos
         else:                                     # nothing left: a cursor past the last shard's rows
             file, row, offset = self.files[-1].name, 1 << 62, 0
+        return self._cursor(file, row, offset)
+
+    def _cursor(self, file: str, row: int, offset: int) -> dict:
         return {"version": STATE_VERSION, "file": file, "row": row, "offset": offset, "epoch": self.epoch,
-                "tokens": self.tokens, "rank": self.rank, "world_size": self.world_size,
-                "skipped": list(self.skipped)}
+                "tokens": self.tokens, "rank": self.rank, "world_size": self.world_size}
 
     def close(self) -> None:
         """Stop the background thread (also happens at garbage collection and process exit)."""

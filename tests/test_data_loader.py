@@ -5,16 +5,18 @@ from __future__ import annotations
 import gc
 import json
 import math
+import re
 import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.dataloader import DataLoader
+from nanochat.dataloader import DataLoader, ShardError
 from nanochat.dataset import list_parquet_files
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.offline_corpus import write_shards
@@ -123,19 +125,40 @@ def test_hand_written_cursor_starts_anywhere(tiny_tokenizer: Path, small_shards:
         DataLoader(tok, 1, 16, files=small_shards, state={"file": small_shards[0].name, "row": 0})
 
 
-def test_unreadable_shard_is_reported_and_skipped(tiny_tokenizer: Path, small_shards: list[Path],
-                                                  tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+def test_a_missing_or_unreadable_shard_is_an_error_naming_the_file_and_why(tiny_tokenizer: Path,
+                                                                           small_shards: list[Path],
+                                                                           tmp_path: Path) -> None:
     tok = get_tokenizer(tiny_tokenizer)
-    broken = tmp_path / "shard_00001.parquet"
+    cut = tmp_path / "shard_00001.parquet"
     data = small_shards[1].read_bytes()
-    broken.write_bytes(data[: len(data) // 2])                 # a download cut in half
-    files = [small_shards[0], broken, small_shards[2]]
-    loader = DataLoader(tok, 1, 64, files=files)
-    got = torch.cat([x.flatten() for x, _ in drain(loader)]).tolist()
-    expected = expected_stream(tok, [small_shards[0], small_shards[2]])
-    assert got == expected[:len(got)] and len(expected) - len(got) <= 64
-    assert "shard_00001.parquet: unreadable shard" in capfd.readouterr().err
-    assert loader.state_dict()["skipped"] == ["shard_00001.parquet"]
+    cut.write_bytes(data[: len(data) // 2])                    # a download cut in half
+    no_text = tmp_path / "shard_00007.parquet"
+    pq.write_table(pa.table({"body": ["a document"]}), no_text)
+    cases = [(tmp_path / "shard_00009.parquet", "missing"), (cut, "not a readable parquet file"),
+             (no_text, "no 'text' column (columns: body)")]
+    for bad, why in cases:   # found when the loader is built, before any batch (and never skipped)
+        with pytest.raises(ShardError, match=f"{bad.name}: {re.escape(why)}") as caught:
+            DataLoader(tok, 1, 64, files=[small_shards[0], bad, small_shards[2]])
+        assert caught.value.file == bad.name
+    # a shard already behind the cursor is not checked (it was trained; it may be gone)
+    DataLoader(tok, 1, 64, files=[cut, small_shards[2]], state={"file": small_shards[2].name, "row": 0, "offset": 0})
+
+    # a row group that does not decode: the rows before it come out in order, then the error, at every read
+    torn = tmp_path / "shard_00002.parquet"
+    blob = bytearray(small_shards[2].read_bytes())
+    column = pq.ParquetFile(small_shards[2]).metadata.row_group(1).column(0)
+    first = column.dictionary_page_offset if column.has_dictionary_page else column.data_page_offset
+    blob[first:first + column.total_compressed_size] = b"\xff" * column.total_compressed_size
+    torn.write_bytes(bytes(blob))
+    loader = DataLoader(tok, 1, 16, files=[torn])
+    got = []
+    with pytest.raises(ShardError, match="shard_00002.parquet: unreadable at its row group 1"):
+        for x, _ in loader:
+            got.extend(x.flatten().tolist())
+    assert got == expected_stream(tok, [small_shards[2]])[:len(got)] and got
+    assert loader.state_dict()["file"] == torn.name and loader.state_dict()["row"] <= 4  # not past the bad group
+    with pytest.raises(ShardError):
+        next(loader)
 
 
 def test_dropped_loaders_stop_their_threads(tiny_tokenizer: Path, small_shards: list[Path]) -> None:

@@ -86,7 +86,8 @@ def test_a_late_consumer_receives_all_five_transitions_in_order_once(redis_clien
     assert not states["a"].curtailed and states["b"].curtailed
     assert states["b"].since == T0 + 20 * 60 and states["b"].power_kw == pytest.approx(1.4)
     assert states["a"].power_kw == pytest.approx(0.2) and states["a"].value == 400.0
-    assert consumer.curtailed_sites() == ["b"]
+    assert consumer.curtailed_sites() == []  # a finished simulation is no live signal: nobody may train
+    assert consumer.staleness().startswith("energy simulation finished")
     clock = consumer.clock()
     assert clock.status == "finished" and clock.step == 23 and clock.sim_ts == T0 + 23 * 300
     assert clock.now() == clock.sim_ts  # a finished run's clock stands still

@@ -83,14 +83,17 @@ def test_a_simulation_run_trains_every_site_with_persistent_trainers(tmp_path, t
     release(r, run_dir)
     ends = [f for _, f in entries if f["kind"] == "round-end"]
     assert len(ends) >= 2 and int(ends[-1]["round"]) > int(before[-1][1].get("round", 0) or 0)
-    assert all(e["regime"] == "federated" and e["sites"] == "client_0,client_1,client_2" for e in ends)
+    # every round that trained, trained at all three sites (a request that reaches a trainer still starting
+    # after its round was stopped trains no step: the first 2-second round may pass while the trainers load)
+    trained = [e for e in ends if int(e["tokens"]) > 0]
+    assert all(e["regime"] == "federated" and e["sites"] == "client_0,client_1,client_2" for e in trained)
     trainers = [json.loads(e["trainers"]) for e in ends]
     for site in ("client_0", "client_1", "client_2"):
         pids = {t[site][0] for t in trainers}
         steps = [t[site][1] for t in trainers]
         assert len(pids) == 1, f"{site}'s trainer must be one process across rounds: {pids}"
         assert steps == sorted(steps) and steps[-1] > steps[0], f"{site}'s step counter must continue: {steps}"
-    assert float(ends[-1]["val_bpb"]) < float(ends[0]["val_bpb"])
+    assert float(trained[-1]["val_bpb"]) < float(trained[0]["val_bpb"])
 
 
 def test_site_name_from_node_config():

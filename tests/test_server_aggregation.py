@@ -81,3 +81,21 @@ def test_outer_optimizer_settings_are_checked():
         OuterOptimizer("adam")
     with pytest.raises(ValueError, match="momentum"):
         OuterOptimizer("nesterov", momentum=1.0)
+
+
+def test_a_short_round_moves_the_model_proportionally_less_than_a_full_one():
+    """Rounds end at membership changes: a round of 1% of the nominal length moves along the momentum 1% as far."""
+    G = {"w": torch.zeros(4)}
+    momentum = {"w": torch.ones(4)}
+    moved = {}
+    for fraction in (1.0, 0.01):
+        outer = OuterOptimizer("nesterov", lr=0.7, momentum=0.9, state={"w": momentum["w"].clone()})
+        new = outer.step(G, {"w": torch.zeros(4)}, fraction=fraction)   # no new work: only the momentum moves it
+        moved[fraction] = float((G["w"] - new["w"]).abs().max())
+    assert moved[1.0] == pytest.approx(0.7 * 0.9 * 0.9)        # DiLoCo's full-round step, unchanged
+    assert moved[0.01] == pytest.approx(moved[1.0] * 0.01 * 0.9 ** (0.01 - 1))
+    assert moved[0.01] < 0.02 * moved[1.0]
+    # a solo phase of 3 nominal rounds decays the momentum as 3 rounds would before the next federated step
+    outer = OuterOptimizer("nesterov", lr=0.7, momentum=0.9, state={"w": torch.ones(4)})
+    outer.step(G, {"w": torch.zeros(4)}, fraction=1.0, idle=3.0)
+    assert float(outer.state["w"][0]) == pytest.approx(0.9 ** 4)

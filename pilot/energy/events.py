@@ -14,6 +14,7 @@ most 50 ms of wall time apart), which still ends on a whole step:
         step       index of that step (0 = scenario start)      step_s  seconds per step
         start/end  the scenario's span (ISO, end exclusive)     speedup simulated s per wall s (0 = unpaced)
         wall_ts    wall-clock epoch seconds of that publish     status  running | stopped | finished
+        alive_ts   wall-clock epoch seconds of the publisher's last heartbeat (every HEARTBEAT_S while it runs)
       Between steps, the simulated now is sim_ts + (time.time() - wall_ts) * speedup (`SimClock.now()`).
     pilot:{run}:energy:site:{name}     hash per site, its state at the last step:
         site, region, signal        curtailed  1/0, the effective decision (after hysteresis)
@@ -42,6 +43,12 @@ Consumer side (the federated server):
         ...
     events.current_states()                      # {site: SiteState} at the last step
     events.clock()                               # SimClock (sim_ts, step, speedup, status, ...)
+    events.staleness()                           # None while the signal is fresh, else why it is not
+
+No fresh curtailment signal means not curtailed: `curtailed_sites()` is empty while `staleness()` says why
+(no clock yet, the simulation stopped or finished, its heartbeat older than SIGNAL_FRESH_S, or a paced clock
+stuck on one step). The last published states stay readable (`current_states()`) for reports and views.
+The bound compares the consumer's wall clock with the publisher's: hosts must agree within a few seconds (NTP).
 
 `read` returns as soon as an event is there (XREAD BLOCK), so a consumer reacts within milliseconds of
 the publish. Delivery is at least once: a consumer that crashes before `commit` sees the event again.
@@ -60,6 +67,11 @@ import redis
 from pilot import coordination
 
 START_ID = "0-0"
+HEARTBEAT_S = 1.0         # the publisher refreshes the clock's alive_ts this often (wall seconds) while it runs
+# A signal not heard from for this long (wall seconds) is stale. Ten missed heartbeats: a loaded host or a slow
+# Redis write does not flap the sites, and a crashed, frozen or partitioned simulation stops them within 10 s
+# (each site then finishes the optimizer step it is in).
+SIGNAL_FRESH_S = 10.0
 
 
 # ------------------------------------------------------------------ keys
@@ -136,6 +148,7 @@ class SimClock:
     status: str
     start: str
     end: str
+    alive_ts: float = 0.0     # the publisher's last heartbeat (wall); older publishers wrote none: wall_ts
 
     def now(self, wall_now: float | None = None) -> float:
         """The simulated now (epoch s), advanced from the last step at the speed-up, capped at the next step."""
@@ -146,8 +159,30 @@ class SimClock:
 
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> SimClock:
+        wall_ts = float(fields["wall_ts"])
         return cls(float(fields["sim_ts"]), int(fields["step"]), int(fields["step_s"]), float(fields["speedup"]),
-                   float(fields["wall_ts"]), fields["status"], fields["start"], fields["end"])
+                   wall_ts, fields["status"], fields["start"], fields["end"],
+                   max(wall_ts, float(fields.get("alive_ts") or 0.0)))
+
+
+def staleness(clock: SimClock | None, wall_now: float, bound: float = SIGNAL_FRESH_S) -> str | None:
+    """Why the curtailment signal is not fresh at `wall_now` (wall epoch s), or None when it is.
+
+    Fresh means: a simulation is running, its heartbeat is at most `bound` old, and, paced, its last step is
+    at most one step's wall time plus `bound` old (a heartbeat alone could come from a hung simulation)."""
+    if clock is None:
+        return "no energy clock published yet"
+    if clock.status != "running":
+        return f"energy simulation {clock.status} (its last flags are not a live signal)"
+    age = wall_now - clock.alive_ts
+    if age > bound:
+        return f"energy signal stale: last heard {age:.1f} s ago (bound {bound:g} s)"
+    if clock.speedup > 0:
+        step_age, step_wall = wall_now - clock.wall_ts, clock.step_s / clock.speedup
+        if step_age > step_wall + bound:
+            return (f"energy clock stuck at step {clock.step}: last step {step_age:.1f} s ago, one step is "
+                    f"{step_wall:.3g} s (bound {bound:g} s)")
+    return None
 
 
 # ------------------------------------------------------------------ the consumer API
@@ -198,7 +233,14 @@ class EnergyEvents:
         return {name: SiteState.from_fields(fields) for name, fields in zip(names, pipe.execute(), strict=True)
                 if fields}
 
+    def staleness(self, wall_now: float | None = None) -> str | None:
+        """None while the curtailment signal is fresh, else why it is not (see `staleness`)."""
+        return staleness(self.clock(), time.time() if wall_now is None else wall_now)
+
     def curtailed_sites(self) -> list[str]:
+        """The sites curtailed now: none while the signal is not fresh (no signal is no permission to train)."""
+        if self.staleness() is not None:
+            return []
         return [name for name, state in self.current_states().items() if state.curtailed]
 
     def clock(self) -> SimClock | None:

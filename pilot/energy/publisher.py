@@ -8,12 +8,18 @@ Because a step's site states, its transition events and the clock go in one tran
 SIGTERM leaves Redis at a step boundary: the restarted simulation resumes after `clock.step`, and
 nothing is published twice. Stream ids carry the simulated time, so a stray re-publish of an old step
 would be refused by Redis rather than duplicated.
+
+A heartbeat thread refreshes the clock's `alive_ts` every events.HEARTBEAT_S while the run goes on, also while
+a paced run waits minutes for its next step: consumers tell a live simulation from a dead, frozen or cut-off
+one within events.SIGNAL_FRESH_S, whatever the pace. It stops with the final status, or when the thread that
+began the run is gone (a crash), so that a beat never outlives the simulation it vouches for.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -76,6 +82,34 @@ class Publisher:
         self._sites: dict[str, dict[str, Any]] = {}
         self._events: list[tuple[str, dict[str, Any]]] = []
         self._clock: dict[str, Any] | None = None
+        self._beating = threading.Event()      # set: the heartbeat thread ends
+        self._heartbeat: threading.Thread | None = None
+
+    def _beat(self, owner: threading.Thread) -> None:
+        while not self._beating.wait(events.HEARTBEAT_S) and owner.is_alive():
+            try:
+                # only a clock this run has (a beat must never create a clock hash without its fields); a
+                # finished run (e.g. one that found nothing left to do) needs no heartbeat
+                status = self.client.hget(self.clock_key, "status")
+                if status in ("finished", b"finished"):
+                    return
+                if status is not None:
+                    self.client.hset(self.clock_key, "alive_ts", repr(time.time()))
+            except redis.RedisError:
+                pass   # Redis away: consumers see the signal go stale, which is the truth
+
+    def start_heartbeat(self) -> None:
+        if self._heartbeat is None:
+            self._beating.clear()
+            self._heartbeat = threading.Thread(target=self._beat, args=(threading.current_thread(),),
+                                               name="energy-heartbeat", daemon=True)
+            self._heartbeat.start()
+
+    def stop_heartbeat(self) -> None:
+        self._beating.set()
+        if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
+            self._heartbeat.join(timeout=5)
+        self._heartbeat = None
 
     def begin(self) -> Resume:
         """Register the run (or check that it is the same scenario) and say where to resume."""
@@ -95,6 +129,7 @@ class Publisher:
         fields = dict(zip(self.site_keys, pipe.execute(), strict=True))
         states = {name: PolicyState.from_fields(f) if f else PolicyState() for name, f in fields.items()}
         next_step = int(clock["step"]) + 1 if clock else 0
+        self.start_heartbeat()
         return Resume(next_step, states, clock.get("status", "new") if clock else "new")
 
     def publish_step(self, step: int, sim_ts: float, site_fields: Mapping[str, Mapping[str, Any]],
@@ -133,11 +168,14 @@ class Publisher:
             pipe.hset(self.site_keys[name], mapping=fields)
         for entry_id, fields in self._events:
             pipe.xadd(self.stream_key, fields, id=entry_id)
-        pipe.hset(self.clock_key, mapping={**self._clock, "wall_ts": repr(time.time())})
+        now = repr(time.time())
+        pipe.hset(self.clock_key, mapping={**self._clock, "wall_ts": now, "alive_ts": now})
         pipe.execute()
         self._sites, self._events, self._clock = {}, [], None
 
     def set_status(self, status: str) -> None:
-        """running | stopped | finished, kept on the clock hash (nothing else changes)."""
+        """running | stopped | finished, kept on the clock hash (nothing else changes); the run's last word,
+        so the heartbeat ends here."""
+        self.stop_heartbeat()
         if self.client.exists(self.clock_key):
             self.client.hset(self.clock_key, mapping={"status": status, "wall_ts": repr(time.time())})

@@ -5,7 +5,18 @@ D = G - L and the number of tokens it trained. The server averages the pseudo-gr
 and applies an outer step:
 
     none:      G <- G - mean(D)                       (plain federated averaging of the weights)
-    nesterov:  m <- mu * m + mean(D);  G <- G - lr * (mean(D) + mu * m)     (DiLoCo's outer Nesterov)
+    nesterov:  m <- mu^f * m + mean(D);  G <- G - lr * (mean(D) + f * mu * m)     (DiLoCo's outer Nesterov)
+
+Rounds end at every membership change, so their lengths vary. f is the round's length against a nominal
+round (round-duration of simulated time; at a site's steady throughput that is its tokens against a full
+round's), capped at 1. A full round (f = 1) is DiLoCo's step exactly. A round cut to a fraction f decays the
+momentum by mu^f and moves along it by f * mu * m: a round moves the model along the momentum in proportion to
+its length, and n rounds of 1/n length decay it as one full round does (mu) and move along it by about as much
+(their own pseudo-gradients add up as they are). Without f, a round cut to 1% of its length moved the model
+along the old momentum as far as a full round did.
+Across a phase without federated rounds (nobody or one site training), the momentum is not applied; it decays
+by mu per nominal round of that phase (mu^idle at the next federated round), because the direction it remembers
+grows stale while the global model moves on without it.
 
 An update with NaN/Inf, a missing or unknown tensor, or a wrong shape is rejected (and logged by the
 caller), never averaged in; a site that trained no tokens carries no weight.
@@ -83,16 +94,23 @@ class OuterOptimizer:
         if not (0 < self.lr and math.isfinite(self.lr)) or not (0 <= self.momentum < 1):
             raise ValueError(f"outer optimizer needs lr > 0 and 0 <= momentum < 1, got {self.lr}, {self.momentum}")
 
-    def step(self, global_weights: dict[str, torch.Tensor], mean_delta: Tensors) -> dict[str, torch.Tensor]:
-        """The new global weights (new tensors: blobs of the old ones may still be served)."""
+    def step(self, global_weights: dict[str, torch.Tensor], mean_delta: Tensors, fraction: float = 1.0,
+             idle: float = 0.0) -> dict[str, torch.Tensor]:
+        """The new global weights (new tensors: blobs of the old ones may still be served).
+
+        fraction: the round's length against a nominal round (0 < f <= 1); idle: nominal rounds since the
+        last federated round during which the momentum was not applied (see the module's docstring)."""
+        f = min(1.0, max(float(fraction), 0.0))
+        decay = self.momentum ** (f + max(float(idle), 0.0))
         new = {}
         for name, weight in global_weights.items():
             delta = mean_delta[name]
             if self.kind == "nesterov":
                 buf = self.state.get(name)
-                buf = delta.clone() if buf is None else buf.mul_(self.momentum).add_(delta)
+                # a new buffer, not written in place: a checkpoint of the last round may still be reading the old one
+                buf = delta.clone() if buf is None else buf.mul(decay).add_(delta)
                 self.state[name] = buf
-                step = (delta + self.momentum * buf) * self.lr
+                step = (delta + (f * self.momentum) * buf) * self.lr
             else:
                 step = delta
             new[name] = (weight.to(torch.float32) - step).to(weight.dtype)

@@ -2,6 +2,10 @@
 simulation has finished, and waiting for its next news. With curtailment "always" every connected site may
 train and the wall clock is the clock.
 
+No fresh curtailment signal means not curtailed: while the energy simulation is not running or has not been
+heard from within events.SIGNAL_FRESH_S, no site is curtailed (a round in progress ends as "window closed"),
+and the moment the signal goes stale or fresh again is an "energy-signal" event.
+
 Every transition the server reads is logged (RUN_DIR/logs/energy.jsonl and an "energy" event), and every
 clock reading becomes an anchor of the wall -> simulated timeline the run's logs use.
 """
@@ -26,11 +30,19 @@ class EnergyClock:
         self.always = curtailment == "always"
         self.events = EnergyEvents(client, run_id, consumer="server")
         self.timeline, self._clock_read = SimTimeline(), 0.0
+        self.stale: str | None = ""      # why the signal is not fresh (None: fresh; "": not read yet)
         self.on_event: Callable[..., None] = lambda kind, **fields: None   # the server's event sink, set later
 
     def curtailed(self, connected: Set[str]) -> set[str]:
-        """The sites that may train now (of those connected, with curtailment "always")."""
-        return set(connected) if self.always else set(self.events.curtailed_sites())
+        """The sites that may train now (of those connected, with curtailment "always"); none without a fresh
+        signal."""
+        if self.always:
+            return set(connected)
+        stale = self.events.staleness()
+        if (stale is None) != (self.stale is None) or self.stale == "":
+            self.on_event("energy-signal", fresh=int(stale is None), reason=stale or "fresh")
+        self.stale = stale
+        return set() if stale is not None else set(self.events.curtailed_sites())
 
     def now(self) -> float:
         if self.always:

@@ -37,7 +37,7 @@ from pilot.server import policy
 from pilot.server.clock import EnergyClock
 from pilot.server.roster import Roster
 from pilot.server.runlog import RunLog, ServerEvents
-from pilot.server.training import GlobalModel
+from pilot.server.training import AfterRound, GlobalModel
 from pilot.settings import Settings
 from pilot.site.process import shutdown_trainer
 
@@ -69,6 +69,8 @@ class Federation:
         self.blob_url = dp.url or self.blob_server.url
         self.emit("weights-server", url=self.blob_url, tls=tls is not None)
         self.roster = Roster(grid, self.site_record, settings.rounds.handshake_timeout, self.emit)
+        self.round_end: dict[int, dict] = {}   # round -> its round-end fields, until its checkpoint is written
+        self.after_round = AfterRound(self.model, self._round_saved, self._round_save_failed)
         self.regime = ""
         self._take_over()
         # sites' compute follows their windows (none: SuperNodes are started by hand); its own thread
@@ -124,6 +126,7 @@ class Federation:
                 self.clock.wait_for_news(block_ms=1000)
                 continue
             self.run_round(training)
+        self.after_round.drain()
         path = self.model.finish(outcome)
         self.emit("finished", outcome=outcome, round=self.model.state.round, tokens=self.model.state.tokens,
                   final_model=str(path))
@@ -131,7 +134,9 @@ class Federation:
     def dispatch(self, number: int, members: frozenset[str]) -> tuple[dict[str, Message], dict]:
         """The round's TRAIN messages, one per member that has data to train, and their data assignments."""
         ledger, nproc = self.model.ledger, self.settings.sites.nproc
-        digest = self.store.publish(self.model.state.weights)
+        adopted = self.model.adopted
+        # the global model is a lone site's upload as it is: name that blob (no hash pass, nothing to fetch for it)
+        digest = adopted if adopted and adopted in self.store else self.store.publish(self.model.state.weights)
         schedule_step = self.model.steps_done
         max_steps = -(-(self.model.horizon - schedule_step) // len(members))   # the sites share the steps left
         # a lone site hands in its exact weights (they become the global model as they are); several hand
@@ -183,21 +188,31 @@ class Federation:
                       wall_start=wall_start, wall_end=wall_end,
                       sim_start=self.clock.time_at(wall_start) if wall_start else None,
                       sim_end=self.clock.time_at(wall_end) if wall_end else None)
-        tokens = self.model.aggregate(number, results, assignments, self.store)
-        val_bpb = self.model.evaluate() if tokens else None
-        path = self.model.save(val_bpb)
-        self.store.retain(set())  # uploads are averaged in; the next round publishes anew
-        self.emit("round-end", round=number, regime=current.regime, sites=sorted(tokens),
-                  reason=stop_reason or "all sites done", tokens=sum(tokens.values()),
-                  total_tokens=self.model.state.tokens, loss={s: round(results[s].loss, 4) for s in tokens},
-                  val_bpb=round(val_bpb, 4) if val_bpb is not None else None,
-                  trainers={s: [r.trainer_pid, r.trainer_step] for s, r in results.items()},
-                  busy={s: round(r.seconds_training / max(r.seconds_total, 1e-9), 3)
-                        for s, r in results.items() if r.status == "ok"},
-                  training_s={s: round(r.seconds_training, 3) for s, r in results.items()},
-                  checkpoint=path.name)
+        tokens = self.model.aggregate(number, results, assignments, self.store,
+                                      span=(current.started_at, self.clock.now()))
+        # uploads are averaged in; the next round publishes anew (or names the adopted solo upload)
+        self.store.retain({self.model.adopted} if self.model.adopted else set())
+        self.round_end[number] = dict(
+            round=number, regime=current.regime, sites=sorted(tokens), reason=stop_reason or "all sites done",
+            tokens=sum(tokens.values()), total_tokens=self.model.state.tokens,
+            loss={s: round(results[s].loss, 4) for s in tokens},
+            trainers={s: [r.trainer_pid, r.trainer_step] for s, r in results.items()},
+            busy={s: round(r.seconds_training / max(r.seconds_total, 1e-9), 3)
+                  for s, r in results.items() if r.status == "ok"},
+            training_s={s: round(r.seconds_training, 3) for s, r in results.items()})
+        self.after_round.submit(self.model.snapshot(), evaluate=bool(tokens))
         if not any(r.status == "ok" for r in results.values()):
             self.clock.wait_for_news(block_ms=2000)  # every site failed: do not hammer them in a tight loop
+
+    def _round_saved(self, number: int, val_bpb: float | None, path: Path) -> None:
+        fields = self.round_end.pop(number)
+        self.emit("round-end", **{**fields, "val_bpb": round(val_bpb, 4) if val_bpb is not None else None,
+                                  "checkpoint": path.name})
+
+    def _round_save_failed(self, number: int, error: BaseException) -> None:
+        fields = self.round_end.pop(number)
+        self.emit("round-end", **{**fields, "val_bpb": None, "checkpoint": None})
+        self.emit("checkpoint-failed", round=number, error=f"{type(error).__name__}: {error}")
 
     def collect(self, number: int, current: policy.Round, members: frozenset[str], ids: dict[str, str],
                 nodes: dict[str, int]) -> tuple[dict[str, RoundResult], str]:
@@ -255,6 +270,7 @@ class Federation:
         return None
 
     def close(self) -> None:
+        self.after_round.drain()
         if self.provisioning is not None:
             self.provisioning.close()
         for site in self.roster.seen_sites:

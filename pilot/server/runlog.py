@@ -190,8 +190,13 @@ class ServerEvents:
 
     def __init__(self, client: redis.Redis, run_id: str, runlog: RunLog, sim_time_at: Callable[[float], float | None]):
         self.r, self.run_id, self.runlog, self.sim_time_at = client, run_id, runlog, sim_time_at
+        self._lock = threading.Lock()   # the loop, the after-round worker and provisioning all emit: one order
 
     def __call__(self, kind: str, **fields: object) -> None:
+        with self._lock:
+            self._emit(kind, fields)
+
+    def _emit(self, kind: str, fields: dict[str, object]) -> None:
         from flwr.common.logger import log  # Flower's logger: the ServerApp's console
 
         wall_ts = time.time()

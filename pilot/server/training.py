@@ -6,6 +6,7 @@ Everything torch- and nanochat-shaped on the server lives here; the loop only ca
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -42,6 +43,7 @@ class GlobalModel:
         self._plan(model, nproc)
         self._open(rounds)
         self.eval_model = None
+        self.adopted = ""    # digest of the uploaded blob that is the global model as it is (a solo result)
 
     # -------------------------------------------------------------- setup
     def _plan(self, model: ModelGroup, nproc: int) -> None:
@@ -101,12 +103,14 @@ class GlobalModel:
 
     # -------------------------------------------------------------- a round's work
     def aggregate(self, number: int, results: Mapping[str, RoundResult], assignments: Mapping[str, Assignment],
-                  store: BlobStore) -> dict[str, int]:
+                  store: BlobStore, span: tuple[float, float] = (0.0, 0.0)) -> dict[str, int]:
         """Fold a round's results into the global model; commit the ledger; returns tokens by site aggregated.
 
         One site (the solo regime, or the only one left): plain training, no outer step; its weights are the
-        new global model (exactly, for a weights-fp32 update, which solo rounds ask for). Several: their
-        pseudo-gradients, averaged in fp32 weighted by tokens, go through the outer optimizer."""
+        new global model, adopted as uploaded (a weights-fp32 update, which solo rounds ask for: the site then
+        holds exactly the global model and fetches nothing next round, and the server hashes nothing). Several:
+        their pseudo-gradients, averaged in fp32 weighted by tokens, go through the outer optimizer, its step
+        weighted by the round's length (`span`, simulated seconds) against round-duration."""
         updates, kinds, tokens = {}, {}, {}
         for site, result in sorted(results.items()):
             if result.status != "ok":
@@ -131,14 +135,23 @@ class GlobalModel:
                 self.ledger.release(site)
                 continue
             updates[site], kinds[site], tokens[site] = tensors, kind, result.tokens
+        self.adopted = ""
         if len(updates) == 1:
             ((site, update),) = updates.items()
-            new_weights = payload.decode_update(update, self.state.weights, kinds[site])
-            self.state.weights = {k: v.clone() for k, v in new_weights.items()} if kinds[site] == "weights-fp32" \
-                else new_weights
+            # a weights-fp32 payload decodes to the uploaded blob's own tensors: they become the global model
+            # as they are (the store keeps that blob; nothing writes into a blob's tensors)
+            self.state.weights = payload.decode_update(update, self.state.weights, kinds[site])
+            if kinds[site] == "weights-fp32":
+                self.adopted = results[site].weights_digest
         elif updates:
             deltas = {s: payload.as_delta(u, self.state.weights, kinds[s]) for s, u in updates.items()}
-            self.state.weights = self.outer.step(self.state.weights, average_updates(deltas, tokens, self.state.weights))
+            start, end = span
+            fraction = (end - start) / self.rounds.round_duration if end > start else 1.0
+            last = self.state.info.get("outer_sim_ts")   # end of the last federated round
+            idle = max(0.0, (start - last) / self.rounds.round_duration) if last else 0.0
+            self.state.weights = self.outer.step(self.state.weights, average_updates(deltas, tokens, self.state.weights),
+                                                 fraction=fraction, idle=idle)
+            self.state.info["outer_sim_ts"] = end
         for site in updates:
             result, assignment = results[site], assignments[site]
             if not result.exhausted and result.cursors:
@@ -148,21 +161,28 @@ class GlobalModel:
         self.state.outer_state = self.outer.state
         return tokens
 
-    def save(self, val_bpb: float | None) -> Path:
-        """Checkpoint the global state (with the ledger's snapshot)."""
-        self.state.info = {"ledger": {k: json.loads(v.to_json()) for k, v in self.ledger.records().items()},
-                           "model_config": self.plan.model_config.to_dict(), "outer": self.outer.kind,
-                           "val_bpb": val_bpb}
-        return checkpoint.save(self.run_dir, self.state)
+    def snapshot(self) -> GlobalState:
+        """The global state as it is now, for the after-round worker: the weights and momentum are referenced,
+        not copied (the next round replaces them with new tensors, never writes into them), the ledger is
+        read now."""
+        info = {**self.state.info, "ledger": {k: json.loads(v.to_json()) for k, v in self.ledger.records().items()},
+                "model_config": self.plan.model_config.to_dict(), "outer": self.outer.kind}
+        return GlobalState(weights=dict(self.state.weights), round=self.state.round, tokens=self.state.tokens,
+                           outer_state=dict(self.outer.state), info=info)
 
-    def evaluate(self) -> float | None:
-        """Validation bits per byte of the global model on eval-tokens of the held-out shard (None: off)."""
+    def save(self, state: GlobalState, val_bpb: float | None) -> Path:
+        """Checkpoint a snapshot of the global state (with the ledger's snapshot and its validation bpb)."""
+        state.info["val_bpb"] = val_bpb
+        return checkpoint.save(self.run_dir, state)
+
+    def evaluate(self, weights: Mapping | None = None) -> float | None:
+        """Validation bits per byte of the global model (or `weights`) on eval-tokens of the held-out shard."""
         if self.eval_tokens <= 0:
             return None
         if self.eval_model is None:  # built once: a d20 model takes seconds to build
             self.eval_model = build_model(self.plan.model_config, device="cpu", seed=0).eval()
         model = self.eval_model
-        model.load_state_dict(self.state.weights)
+        model.load_state_dict(self.state.weights if weights is None else weights)
         B, T = self.train_config.device_batch_size, self.train_config.max_seq_len
         loader = DataLoader(self.tokenizer, B, T, split="val", files=[self.val_shard])
         try:
@@ -175,3 +195,33 @@ class GlobalModel:
         save_model(path, self.state.weights, self.plan.model_config.to_dict(),
                    extra={"round": self.state.round, "tokens": self.state.tokens, "outcome": outcome})
         return path
+
+
+class AfterRound:
+    """The server's work after a round, off the critical path: evaluation and the checkpoint run on this worker
+    while the next round already trains. One job at a time, in order; a job waits for the one before it
+    (so checkpoints are written in round order and at most one snapshot is in flight)."""
+
+    def __init__(self, model: GlobalModel, on_done: Callable[[int, float | None, Path], None],
+                 on_error: Callable[[int, BaseException], None]):
+        self.model, self.on_done, self.on_error = model, on_done, on_error
+        self._thread: threading.Thread | None = None
+
+    def submit(self, state: GlobalState, evaluate: bool) -> None:
+        self.drain()
+        self._thread = threading.Thread(target=self._run, args=(state, evaluate), name="after-round", daemon=True)
+        self._thread.start()
+
+    def _run(self, state: GlobalState, evaluate: bool) -> None:
+        try:
+            val_bpb = self.model.evaluate(state.weights) if evaluate else None
+            path = self.model.save(state, val_bpb)
+            self.on_done(state.round, val_bpb, path)
+        except BaseException as error:  # noqa: BLE001 - reported; the next job or drain() goes on
+            self.on_error(state.round, error)
+
+    def drain(self) -> None:
+        """Wait for the job in flight (before the next one, and before the run's end)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None

@@ -10,9 +10,17 @@ they are the very weights this site handed in last), train step by step until to
 weights, report tokens, loss and data cursors.
 
 Stopping: rank 0 watches, on a thread, the round's stop key (set by the server) and its own site's energy
-state (so a site stops when its window closes even if the server is down); it raises the trainer's stop
-flag, and the trainer's per-step all-reduce makes every rank stop at the same step boundary: within one
-optimizer step of the signal, no rank left waiting in a collective.
+state (so a site stops when its window closes even if the server is down, and when the curtailment signal
+goes stale or Redis stops answering: watchers.py); it raises the trainer's stop flag, and the trainer's
+per-step all-reduce makes every rank stop at the same step boundary: within one optimizer step of the
+signal, no rank left waiting in a collective.
+
+Failing: whatever one rank cannot do (fetch, check the weights, open its shards, read a row group, upload)
+the ranks learn together (`agreed`: one all-reduce of a flag, then the failing rank's reason as JSON), and
+every rank ends the round with the same error. A non-finite loss ends the round before its update (the
+trainer raises on every rank). After any failed round the site forgets which global weights it holds, so
+the next round fetches them again; the process, its optimizer state and compiled model live on. A result
+(ok or error) is handed in once Redis answers again: no work is lost to an outage.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import redis
 import torch
 import torch.distributed as dist
 
-from nanochat.dataloader import DataLoader
+from nanochat.dataloader import DataLoader, ShardError
 from nanochat.distributed import DistInfo, cleanup_distributed, init_distributed
 from nanochat.tokenizer import Tokenizer
 from nanochat.trainer import DataExhausted, TrainConfig, Trainer, plan_training
@@ -40,21 +48,116 @@ from pilot.protocol import RoundRequest, RoundResult
 from pilot.site.watchers import Heartbeat, MetricsPusher, StopWatcher, log
 
 INBOX_BLOCK_MS = 1000     # wait for work this long between heartbeats
+REDIS_RETRY_S = 1.0       # Redis away: try again this often (a result waits to be handed in, never dropped)
+# what a rank may fail with inside a round (anything else is a bug, and ends the process)
+ROUND_ERRORS = (BlobError, ShardError, ValueError, RuntimeError, OSError, FloatingPointError)
+
+
+class RoundFailed(Exception):
+    """The round failed at this site, the same way on every rank; `shard` names an unreadable shard file."""
+
+    def __init__(self, reason: str, shard: str | None = None):
+        super().__init__(reason)
+        self.reason, self.shard = reason, shard
 
 
 # ------------------------------------------------------------------ collectives on small JSON
-def broadcast_json(obj: object, info: DistInfo) -> object:
-    """Rank 0's `obj` on every rank (JSON bytes in a tensor: nothing is unpickled)."""
+def _collective_device(info: DistInfo) -> torch.device:
+    """Where small collective tensors live: NCCL moves only GPU tensors, gloo CPU ones."""
+    return torch.device(info.device) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def broadcast_json(obj: object, info: DistInfo, src: int = 0) -> object:
+    """Rank `src`'s `obj` on every rank (JSON bytes in a tensor: nothing is unpickled)."""
     if info.world_size == 1:
         return obj
-    data = json.dumps(obj).encode() if info.rank == 0 else b""
-    size = torch.tensor([len(data)], dtype=torch.int64)
-    dist.broadcast(size, 0)
-    buf = torch.zeros(int(size.item()), dtype=torch.uint8)
-    if info.rank == 0:
+    device = _collective_device(info)
+    data = json.dumps(obj).encode() if info.rank == src else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src)
+    buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
+    if info.rank == src:
         buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    dist.broadcast(buf, 0)
-    return json.loads(bytes(buf.numpy()).decode())
+    dist.broadcast(buf, src)
+    return json.loads(bytes(buf.cpu().numpy()).decode())
+
+
+def agreed(info: DistInfo, what: str, action, *args):
+    """`action(*args)` on this rank, then every rank learns whether any rank failed (one all-reduce of the lowest
+    failing rank): if one did, every rank raises the same RoundFailed with that rank's reason. So the ranks fail
+    a round together and none is left waiting in a collective that the others skipped."""
+    value, failure = None, None
+    try:
+        value = action(*args)
+    except ROUND_ERRORS as error:
+        failure = {"reason": f"{what}: {error}", "shard": getattr(error, "file", None)}
+    if info.world_size == 1:
+        if failure is not None:
+            raise RoundFailed(failure["reason"], failure["shard"])
+        return value
+    first = torch.tensor([info.rank if failure is not None else info.world_size], dtype=torch.int64,
+                         device=_collective_device(info))
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    src = int(first.item())
+    if src == info.world_size:
+        return value
+    failure = broadcast_json(failure, info, src=src)
+    raise RoundFailed(f"rank {src}: {failure['reason']}", failure["shard"])
+
+
+def check_finite(weights: dict[str, torch.Tensor], digest: str) -> None:
+    """Global weights holding a NaN or an infinity are refused before a single step trains on them."""
+    bad = [name for name, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"global weights {digest[:12]} hold non-finite values in {len(bad)} tensor(s) "
+                         f"({', '.join(bad[:3])}): refused before training")
+
+
+def drop_nonfinite_moments(optimizers: dict[str, torch.optim.Optimizer]) -> int:
+    """Forget the optimizer state of every parameter whose state holds a NaN or an infinity; returns how many.
+
+    Finite moments are kept: they are what a persistent trainer exists to keep (restarting it lost them, which
+    is the failure this replaces), and a NaN loss is caught before its update, so it leaves them as they
+    were. Non-finite ones (an update that overflowed) would turn every later update into NaN; the optimizers
+    start such a parameter's state afresh at its next step."""
+    dropped = 0
+    for opt in optimizers.values():
+        for param, state in list(opt.state.items()):
+            if any(torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+                   for v in state.values()):
+                del opt.state[param]
+                dropped += 1
+    return dropped
+
+
+class RoundBatches:
+    """The loader as the trainer sees it: a read error ends this rank's data (StopIteration, so every rank
+    leaves the step together through the trainer's "exhausted" flag, with no update taken) and is kept in
+    `error`, for the round to report as what it is."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader, self.error = loader, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.error is not None:
+            raise StopIteration
+        try:
+            return next(self.loader)
+        except StopIteration:
+            raise
+        except Exception as error:  # noqa: BLE001 - whatever the read failed with is reported by the round
+            self.error = error
+            raise StopIteration from error
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 def train_config_from(spec: dict) -> TrainConfig:
@@ -74,7 +177,7 @@ class SiteTrainer:
         self.trainer = Trainer.create(self.cfg, plan, info)
         self.loader: DataLoader | None = None
         self.loader_shards: list[str] = []
-        self.last_digest = ""       # digest of the weights this site handed in last (= what its model holds)
+        self.last_digest = ""       # digest of the global weights the model holds now ("" = not known: fetch)
         self.round_start: dict[str, torch.Tensor] | None = None   # rank 0: the round's start weights (one buffer)
         self.steps_total = 0        # optimizer steps this process has taken, across rounds
         self.watcher = StopWatcher(client, run, site, self.trainer) if info.rank == 0 else None
@@ -88,16 +191,39 @@ class SiteTrainer:
             if self.info.rank == 0 and request.update_payload != "weights-fp32":
                 self.round_start = self.trainer.get_weights()
             return
+        staging = agreed(self.info, "fetching the global weights", self._fetch, request)
         if self.info.rank == 0:
-            staging = self.trainer.get_weights()
-            fetch_blob(request.blob_url, request.weights_digest, token=request.blob_token, into=staging,
-                       ssl_context=site_tls(request.blob_ca))
             self.trainer.set_weights(staging)
             self.round_start = staging  # kept: a pseudo-gradient update is measured from it
         if self.info.world_size > 1:
             for tensor in self.trainer.model.state_dict().values():
                 dist.broadcast(tensor, 0)
         self.last_digest = request.weights_digest
+
+    def _fetch(self, request: RoundRequest) -> dict[str, torch.Tensor] | None:
+        """Rank 0: the global weights, fetched into a staging buffer and checked (the model is not touched)."""
+        if self.info.rank != 0:
+            return None
+        staging = self.trainer.get_weights()
+        fetch_blob(request.blob_url, request.weights_digest, token=request.blob_token, into=staging,
+                   ssl_context=site_tls(request.blob_ca))
+        check_finite(staging, request.weights_digest)
+        return staging
+
+    def forget(self) -> None:
+        """After a failed round: the model may no longer hold the global weights it was sent (steps taken, or a
+        fetch cut short), so the next round fetches them; the round's gradients and any non-finite optimizer
+        state go; the loader is rebuilt from the next request's cursors. Optimizer moments that are finite,
+        the compiled model and the process stay."""
+        self.last_digest = ""
+        self.round_start = None
+        self.trainer.model.zero_grad(set_to_none=True)   # a step that raised may have left its gradients
+        dropped = drop_nonfinite_moments(self.trainer.optimizers)
+        if dropped:
+            log(f"optimizer state of {dropped} parameter(s) was not finite: started afresh")
+        if self.loader is not None:
+            self.loader.close()
+        self.loader, self.loader_shards = None, []
 
     def _set_data(self, request: RoundRequest) -> None:
         """Keep the current loader when the request continues exactly where it is; else build a new one."""
@@ -108,12 +234,19 @@ class SiteTrainer:
                 return
         if self.loader is not None:
             self.loader.close()
+        self.loader, self.loader_shards = None, []
         files = [self.data_dir / name for name in request.shards]
-        self.loader = DataLoader(self.tokenizer, self.cfg.device_batch_size, self.cfg.max_seq_len, split="train",
-                                 device=self.info.device, files=files, rank=self.info.rank,
-                                 world_size=self.info.world_size, state=start)
+        self.loader = agreed(self.info, "opening the round's shards", DataLoader, self.tokenizer,
+                             self.cfg.device_batch_size, self.cfg.max_seq_len, "train", self.info.device, files,
+                             self.info.rank, self.info.world_size, start)
         self.loader_shards = list(request.shards)
-        self.trainer.train_batches = self.loader
+        self.trainer.train_batches = RoundBatches(self.loader)
+
+    def _upload(self, request: RoundRequest) -> str:
+        if self.info.rank != 0:
+            return ""
+        return upload_blob(request.blob_url, self.update_blob(request), token=request.blob_token,
+                           ssl_context=site_tls(request.blob_ca))
 
     def update_blob(self, request: RoundRequest) -> TensorBlob:
         """The round's update as the server asked for it, written over the round's start buffer when there is
@@ -124,25 +257,42 @@ class SiteTrainer:
         return update_blob(start, self.trainer.model.state_dict(), request.update_payload)
 
     def run_round(self, request: RoundRequest) -> RoundResult:
+        try:
+            return self._run_round(request)
+        except RoundFailed:
+            if self.watcher is not None:
+                self.watcher.disarm()
+            self.forget()
+            raise
+
+    def _run_round(self, request: RoundRequest) -> RoundResult:
         started, wall_start = time.perf_counter(), time.time()
         trainer = self.trainer
         trainer.stop_event.clear()
         if self.watcher is not None:
             self.watcher.arm(request.round, request.server_id)
-        self._load_weights(request)
-        self._set_data(request)
+        # a request that waited in the inbox past its window (or its signal's freshness) trains no step at all
+        reason = broadcast_json(self.watcher.check() if self.watcher is not None else None, self.info) or ""
+        if not reason:
+            self._load_weights(request)
+            self._set_data(request)
         trainer.step_count = request.schedule_step
         steps, tokens, loss_sum, training_s = 0, 0, 0.0, 0.0
-        reason, exhausted = "", False
-        while True:
+        exhausted = False
+        while not reason:
             if steps >= request.max_steps:
                 reason = "horizon"
                 break
             try:
                 result = trainer.step()
             except DataExhausted:
+                # a rank whose shard could not be read ran out of data too: the round fails, naming the file
+                agreed(self.info, "reading the round's shards", trainer.train_batches.raise_error)
                 reason, exhausted = "data exhausted", True
                 break
+            except FloatingPointError as error:   # raised on every rank, before the step's update
+                raise RoundFailed(f"non-finite training: {error} (round {request.round}, its step {steps + 1}); "
+                                  f"the update was not applied") from error
             steps += 1
             tokens += trainer.plan.total_batch_size
             loss_sum += result.loss
@@ -160,15 +310,12 @@ class SiteTrainer:
         self.steps_total += steps
         cursors = trainer.data_cursors()
         if steps > 0:  # with no step taken the model still holds the global weights it was sent
-            digest = ""
-            if self.info.rank == 0:
-                digest = upload_blob(request.blob_url, self.update_blob(request), token=request.blob_token,
-                                     ssl_context=site_tls(request.blob_ca))
+            digest = agreed(self.info, "uploading the round's update", self._upload, request)
             self.round_start = None
             self.last_digest = broadcast_json(digest, self.info)
         weights_digest = self.last_digest
         if self.metrics is not None:
-            self.metrics.flush()  # the round's steps are in Redis before its result is
+            self.metrics.deliver()  # the round's steps are in Redis before its result is (waits out an outage)
         return RoundResult(
             round=request.round, site=self.site, status="ok", server_id=request.server_id, reason=reason,
             weights_digest=weights_digest,
@@ -177,6 +324,26 @@ class SiteTrainer:
             trainer_step=self.steps_total, seconds_training=training_s,
             seconds_total=time.perf_counter() - started,
             extra={"stopped_at": stopped_at, "wall_start": wall_start, "wall_end": time.time()})
+
+
+def hand_in(client: redis.Redis, run: str, site: str, result: RoundResult, inbox_id: str) -> None:
+    """Append the result to the site's outbox and mark its request handled, waiting out a Redis outage: the
+    work of a round is never lost to one (the server finds the result in the outbox when it looks again)."""
+    waited = 0.0
+    while True:
+        try:
+            pipe = client.pipeline(transaction=True)
+            pipe.xadd(protocol.outbox_key(run, site), {"round": result.round, "result": result.to_json()})
+            pipe.hset(protocol.trainer_key(run, site), "inbox_id", inbox_id)
+            pipe.execute()
+            if waited:
+                log(f"round {result.round}: result handed in after {waited:.0f} s without Redis")
+            return
+        except redis.RedisError as error:
+            if not waited:
+                log(f"round {result.round}: Redis unavailable ({error}); the result waits for it")
+            time.sleep(REDIS_RETRY_S)
+            waited += REDIS_RETRY_S
 
 
 def wait_for_train_config(client: redis.Redis, run: str) -> dict:
@@ -196,7 +363,7 @@ def serve(args: argparse.Namespace) -> int:
     heartbeat = Heartbeat(client, args.run_id, args.site) if client is not None else None
     spec = broadcast_json(wait_for_train_config(client, args.run_id) if client is not None else None, info)
     site = SiteTrainer(args.site, args.run_id, client, info, spec)
-    inbox, outbox = protocol.inbox_key(args.run_id, args.site), protocol.outbox_key(args.run_id, args.site)
+    inbox = protocol.inbox_key(args.run_id, args.site)
     last_id = "$"
     orphan_timeout = float(os.environ.get(protocol.ORPHAN_TIMEOUT_ENV) or protocol.ORPHAN_TIMEOUT_S)
     server_seen = time.monotonic()
@@ -208,12 +375,18 @@ def serve(args: argparse.Namespace) -> int:
     while True:
         message = None
         if client is not None:
-            entries = client.xread({inbox: last_id}, block=INBOX_BLOCK_MS, count=1)
+            try:
+                entries = client.xread({inbox: last_id}, block=INBOX_BLOCK_MS, count=1)
+                server_alive = not entries and client.exists(protocol.server_alive_key(args.run_id))
+            except redis.RedisError as error:   # wait for it (an outage is not the server's absence)
+                log(f"site {args.site}: Redis unavailable ({error})")
+                entries, server_alive = None, False
+                time.sleep(REDIS_RETRY_S)
             if entries:
                 entry_id, fields_ = entries[0][1][0]
                 last_id = entry_id
                 message = dict(fields_, id=entry_id)
-            elif client.exists(protocol.server_alive_key(args.run_id)):
+            elif server_alive:
                 server_seen = time.monotonic()
             elif time.monotonic() - server_seen > orphan_timeout:
                 log(f"site {args.site}: no server for {orphan_timeout:.0f} s: exiting")
@@ -225,7 +398,10 @@ def serve(args: argparse.Namespace) -> int:
             log(f"site {args.site}: shutdown requested")
             break
         request = RoundRequest.from_json(message["request"])
-        current = client.get(protocol.server_current_key(args.run_id)) if client is not None else None
+        try:
+            current = client.get(protocol.server_current_key(args.run_id)) if client is not None else None
+        except redis.RedisError:
+            current = None   # the request just came through Redis; the stop watcher judges an outage
         if broadcast_json(current is not None and current != request.server_id, info):
             log(f"round {request.round}: asked by a server that was replaced; skipped")
             continue
@@ -233,13 +409,18 @@ def serve(args: argparse.Namespace) -> int:
             heartbeat.update(status="training", round=request.round)
         try:
             result = site.run_round(request)
-        except (BlobError, ValueError, RuntimeError) as error:
-            log(f"round {request.round} failed: {error}")
+        except RoundFailed as error:
+            log(f"round {request.round} failed: {error.reason}")
+            result = RoundResult(round=request.round, site=args.site, status="error", reason=error.reason,
+                                 server_id=request.server_id, trainer_pid=os.getpid(), trainer_step=site.steps_total,
+                                 extra={"shard": error.shard} if error.shard else {})
+        except ROUND_ERRORS as error:   # a failure outside `agreed` (a bug to fix there): still a result
+            log(f"round {request.round} failed outside an agreed step: {error}")
+            site.forget()
             result = RoundResult(round=request.round, site=args.site, status="error", reason=str(error),
                                  server_id=request.server_id, trainer_pid=os.getpid(), trainer_step=site.steps_total)
         if client is not None:
-            client.xadd(outbox, {"round": request.round, "result": result.to_json()})
-            client.hset(protocol.trainer_key(args.run_id, args.site), "inbox_id", message["id"])
+            hand_in(client, args.run_id, args.site, result, message["id"])
             heartbeat.update(status="idle", step=site.steps_total)
             log(f"round {request.round}: {result.steps} steps, {result.tokens} tokens, loss {result.loss:.4f}, "
                 f"stopped: {result.reason or '-'}")
