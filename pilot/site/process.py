@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 import redis
 
-from pilot import coordination, protocol
+from pilot import coordination, protocol, signing
 
 TRAINER_MODULE = "pilot.site.trainer"
 TRAINER_START_TIMEOUT_S = 300.0   # a trainer that is not alive this long after its launch has failed
@@ -51,23 +51,40 @@ with open(sys.argv[2], "ab") as log:
 """
 
 
+# the trainer hash's field naming the server key its trainer was started with (written by the launching ClientApp)
+SERVER_KEY_FIELD = "server_key"
+
+
 def ensure_trainer(r: redis.Redis, site: str, run_id: str, run_dir: str, *, nproc: int, device: str,
-                   redis_url: str) -> float | None:
-    """Start the site's trainer unless a live one exists; returns the launch time, or None if it was alive."""
+                   redis_url: str, server_key: str = "") -> float | None:
+    """Start the site's trainer unless a live one exists; returns the launch time, or None if it was alive.
+
+    server_key: the server's public key (pilot/signing.py) as the ClientApp learned it through Flower; the trainer
+    gets it in its environment, a channel no Redis role can write, and obeys only requests signed with it."""
     if r.exists(protocol.alive_key(run_id, site)):
         return None
     if not r.set(protocol.launch_key(run_id, site), str(os.getpid()), nx=True, ex=LAUNCH_LOCK_S):
         return time.monotonic()  # another ClientApp is starting it right now
     log_dir = Path(run_dir) / "sites" / site
     log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", coordination.REDIS_URL_ENV: redis_url}
+    if server_key:
+        env[signing.PUBLIC_KEY_ENV] = server_key
     launcher = subprocess.run(
         [sys.executable, "-c", LAUNCHER, json.dumps(trainer_command(site, run_id, run_dir, nproc, device)),
          str(log_dir / "trainer.log")],
-        env={**os.environ, "PYTHONUNBUFFERED": "1", coordination.REDIS_URL_ENV: redis_url}, timeout=60,
-        stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        env=env, timeout=60, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if launcher.returncode != 0:
         raise RuntimeError(f"could not start the trainer of {site}: {launcher.stderr.strip()}")
+    # which key it trusts, so that a ClientApp meeting another server key restarts it (the trainer never
+    # deletes fields of its hash; the field is the site's own key, no other role writes it)
+    r.hset(protocol.trainer_key(run_id, site), SERVER_KEY_FIELD, signing.fingerprint(env.get(signing.PUBLIC_KEY_ENV, "")))
     return time.monotonic()
+
+
+def trusts_key(r: redis.Redis, run_id: str, site: str, server_key: str) -> bool:
+    """Whether the site's live trainer was started trusting `server_key` (as its launching ClientApp recorded)."""
+    return r.hget(protocol.trainer_key(run_id, site), SERVER_KEY_FIELD) == signing.fingerprint(server_key)
 
 
 # ------------------------------------------------------------------ ask
