@@ -7,6 +7,7 @@ Markdown; the README embeds that output and a test keeps the two, and pyproject.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,9 @@ SETTINGS: tuple[Setting, ...] = (
             "for loopback only. The sites learn the CA (blob-cafile) through the authenticated Flower channel."),
     Setting("blob-keyfile", "", "Private key of blob-certfile (PEM)."),
     Setting("blob-cafile", "", "CA certificate that signed blob-certfile (PEM; `pilot certs` makes ca.crt)."),
+    Setting("blob-allow-insecure", False,
+            "Let the weights server speak plain HTTP on a non-loopback blob-host (a private network you trust); "
+            "otherwise such a host needs blob-certfile/keyfile/cafile."),
 )
 
 BY_KEY = {s.key: s for s in SETTINGS}
@@ -147,6 +151,7 @@ RANGES = {  # numeric settings that must lie in a range: (low, high, inclusive l
 }
 
 
+RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 CHOICES = {  # string settings with a fixed set of values
     "curtailment": ("energy", "always"), "round-mode": ("sync", "overlap"), "outer-optimizer": ("none", "nesterov"),
     "site-device": ("auto", "cuda", "cpu"), "provisioner": ("none", "local", "kubernetes"),
@@ -173,6 +178,9 @@ def check_value(key: str, value: Any) -> Any:
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         example = f'{key}="{BY_KEY[key].default}"' if expected is str else f"{key}={BY_KEY[key].default}"
         raise BadSettingValue(f"run setting {key!r} must be {expected.__name__} (e.g. {example}), got {value!r}")
+    if key == "run-id" and not RUN_ID.fullmatch(value):
+        raise BadSettingValue(f"run setting 'run-id' must be letters, digits, '_', '.' or '-' (it names Redis keys "
+                              f"and a directory), got {value!r}")
     if key in CHOICES and value not in CHOICES[key]:
         raise BadSettingValue(f"run setting {key!r} must be one of {', '.join(repr(c) for c in CHOICES[key])}, "
                               f"got {value!r}")
@@ -277,6 +285,7 @@ class DataPlaneGroup:
     certfile: str
     keyfile: str
     cafile: str
+    allow_insecure: bool
 
 
 @dataclass(frozen=True)
@@ -341,7 +350,7 @@ def reference_markdown() -> str:
     """The configuration reference as a Markdown table (what `pilot config` prints)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for s in SETTINGS:
-        default = f'"{s.default}"' if isinstance(s.default, str) else str(s.default)
+        default = f'"{s.default}"' if isinstance(s.default, str) else str(s.default).lower() if isinstance(s.default, bool) else str(s.default)
         rows.append(f"| `{s.key}` | `{default}` | {s.help} |")
     return "\n".join(rows) + "\n"
 
@@ -349,6 +358,8 @@ def reference_markdown() -> str:
 def pyproject_block() -> str:
     """The [tool.flwr.app.config] body for pyproject.toml."""
     def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
         return f'"{v}"' if isinstance(v, str) else repr(v)
     return "".join(f"{s.key} = {value(s.default)}\n" for s in SETTINGS)
 

@@ -28,8 +28,8 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from pilot import coordination, protocol
-from pilot.dataplane.server import BlobServer, server_tls
+from pilot import coordination, protocol, signing
+from pilot.dataplane.server import BlobServer, RoundTokens, UploadLimits, server_tls
 from pilot.dataplane.store import BlobStore
 from pilot.protocol import RESULT_KEY, ROUND_KEY, RoundRequest, RoundResult
 from pilot.provision.run import start_provisioning
@@ -61,11 +61,16 @@ class Federation:
         self.model = GlobalModel(self.r, self.run_id, self.run_dir, settings.model, settings.rounds,
                                  settings.sites.nproc, self.emit, emulate_step_s=settings.sites.emulate_step_s)
         self.store = BlobStore()
-        self.blob_token = secrets.token_hex(16)
+        # round requests are signed (a site obeys only this key, learnt through Flower); blob access is per
+        # site and round; an upload must be shaped like the model
+        self.signing_key = signing.ServerKey.load_or_create(self.run_dir)
+        self.blob_tokens = RoundTokens()
         dp = settings.dataplane
         self.blob_ca, tls = server_tls(dp.certfile, dp.keyfile, dp.cafile)
-        self.blob_server = BlobServer(self.store, host=dp.host, port=dp.port, token=self.blob_token,
-                                      ssl_context=tls).start()
+        self.blob_server = BlobServer(self.store, host=dp.host, port=dp.port, ssl_context=tls,
+                                      authorize=self.blob_tokens.authorize,
+                                      upload_limits=UploadLimits.for_weights(self.model.state.weights),
+                                      allow_insecure=dp.allow_insecure).start()
         self.blob_url = dp.url or self.blob_server.url
         self.emit("weights-server", url=self.blob_url, tls=tls is not None)
         self.roster = Roster(grid, self.site_record, settings.rounds.handshake_timeout, self.emit)
@@ -101,7 +106,8 @@ class Federation:
     def site_record(self) -> ConfigRecord:
         """What a site needs to start its trainer: the run, its directory and Redis, processes, device."""
         return ConfigRecord({"run-id": self.run_id, "run-dir": str(self.run_dir), "redis-url": self.redis_url,
-                             "site-nproc": self.settings.sites.nproc, "site-device": self.settings.sites.device})
+                             "site-nproc": self.settings.sites.nproc, "site-device": self.settings.sites.device,
+                             signing.SERVER_KEY: self.signing_key.public})
 
     def training_now(self) -> frozenset[str]:
         return policy.members(self.clock.curtailed(set(self.roster.sites)), set(self.roster.sites))
@@ -137,6 +143,7 @@ class Federation:
         adopted = self.model.adopted
         # the global model is a lone site's upload as it is: name that blob (no hash pass, nothing to fetch for it)
         digest = adopted if adopted and adopted in self.store else self.store.publish(self.model.state.weights)
+        self.blob_tokens.open_round(number, {digest})
         schedule_step = self.model.steps_done
         max_steps = -(-(self.model.horizon - schedule_step) // len(members))   # the sites share the steps left
         # a lone site hands in its exact weights (they become the global model as they are); several hand
@@ -156,11 +163,13 @@ class Federation:
                 continue
             assignments[site] = assignment
             request = RoundRequest(round=number, server_id=self.server_id, weights_digest=digest, blob_url=self.blob_url,
-                                   blob_token=self.blob_token, shards=assignment.shards, cursors=assignment.cursors,
+                                   blob_token=self.blob_tokens.issue(site, number), site=site,
+                                   shards=assignment.shards, cursors=assignment.cursors,
                                    schedule_step=schedule_step, max_steps=max_steps, update_payload=update_payload,
                                    blob_ca=self.blob_ca)
             record = self.site_record()
             record["request"] = request.to_json()
+            record[signing.SIGNATURE_KEY] = signing.sign_request(request, self.signing_key)
             messages[site] = Message(RecordDict({ROUND_KEY: record}), dst_node_id=self.roster.sites[site],
                                      message_type=MessageType.TRAIN)
         return messages, assignments
@@ -190,6 +199,7 @@ class Federation:
                       sim_end=self.clock.time_at(wall_end) if wall_end else None)
         tokens = self.model.aggregate(number, results, assignments, self.store,
                                       span=(current.started_at, self.clock.now()))
+        self.blob_tokens.close_round(number)
         # uploads are averaged in; the next round publishes anew (or names the adopted solo upload)
         self.store.retain({self.model.adopted} if self.model.adopted else set())
         self.round_end[number] = dict(

@@ -40,7 +40,7 @@ from nanochat.dataloader import DataLoader, ShardError
 from nanochat.distributed import DistInfo, cleanup_distributed, init_distributed
 from nanochat.tokenizer import Tokenizer
 from nanochat.trainer import DataExhausted, TrainConfig, Trainer, plan_training
-from pilot import coordination, protocol
+from pilot import coordination, protocol, signing
 from pilot.dataplane.blob import BlobError, TensorBlob
 from pilot.dataplane.client import fetch_blob, site_tls, upload_blob
 from pilot.dataplane.payload import update_blob
@@ -397,7 +397,10 @@ def serve(args: argparse.Namespace) -> int:
         if message.get("kind") == "shutdown":
             log(f"site {args.site}: shutdown requested")
             break
-        request = RoundRequest.from_json(message["request"])
+        # only a request signed by the server whose key this trainer was launched with (pilot/signing.py)
+        request = signing.accept(message, on_refusal=log, site=args.site)
+        if request is None:
+            continue
         try:
             current = client.get(protocol.server_current_key(args.run_id)) if client is not None else None
         except redis.RedisError:

@@ -94,11 +94,14 @@ class StopWatcher:
         self.round = None
 
     def check(self) -> str | None:
-        """One reading now, on the caller's thread: the reason the armed round must not train, or None."""
+        """One reading now, on the caller's thread: the reason the armed round must not train at all, or None.
+        The round's own stop key is not one: a request that reaches a trainer after its round was ended by the
+        clock (a trainer still starting, a slow fetch) still takes its step; a closed window, a stale signal or
+        a replaced server allow none."""
         round_number = self.round
-        return None if round_number is None else self._read(round_number)
+        return None if round_number is None else self._read(round_number, own_stop=False)
 
-    def _read(self, round_number: int) -> str | None:
+    def _read(self, round_number: int, own_stop: bool = True) -> str | None:
         """One reading of the stop key, the site's energy state, the clock and the server; the reason to stop."""
         try:
             pipe = self.r.pipeline(transaction=False)
@@ -120,7 +123,7 @@ class StopWatcher:
         self.read_ok = time.monotonic()
         if server_alive:
             self.server_seen = time.monotonic()
-        return stop_reason(stop=stop, curtailed=curtailed, clock=SimClock.from_fields(clock) if clock else None,
+        return stop_reason(stop=stop if own_stop else None, curtailed=curtailed, clock=SimClock.from_fields(clock) if clock else None,
                            wall_now=time.time(), server=server, own_server=self.server_id,
                            server_gone_s=time.monotonic() - self.server_seen, orphan_timeout=self.orphan_timeout)
 
