@@ -8,6 +8,7 @@ reference lost ~130 s of every ~647 s round (~80% busy); rounds here are short (
 second of synchronisation shows. Then the seconds to synchronise a d20-sized state (bench/sync.py, data plane only).
 
     .venv/bin/python bench/round_overhead.py [--sites 2] [--rounds 3] [--round-seconds 60] [--skip-d20]
+        [--round-modes sync,overlap]     # synchronous rounds and overlapped ones, side by side
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--round-seconds", type=int, default=60)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--skip-d20", action="store_true", help="skip the d20-sized synchronisation (~7 GB RAM)")
+    parser.add_argument("--round-modes", default="sync,overlap", help="round-mode settings to run, side by side")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -98,25 +100,30 @@ def main() -> None:
                   f"depth={args.depth}", "max-seq-len=128", "device-batch-size=4", "total-batch-size=1024",
                   "eval-tokens=1024", "token-budget=1000000000"]
         wall = args.rounds * args.round_seconds
-        print(f"two deployments follow, about {2 * wall + 90} s in all", flush=True)
-        fed_events = deployment(tmp, args.sites, "federated",
-                                common + [f"round-duration={args.round_seconds}", f"max-rounds={args.rounds}"],
-                                timeout=4 * wall + 300)
+        modes = [m for m in args.round_modes.split(",") if m]
+        print(f"{len(modes) + 1} deployments follow, about {(len(modes) + 1) * (wall + 45)} s in all", flush=True)
+        federated = {mode: deployment(tmp, args.sites, f"federated-{mode}",
+                                      common + [f"round-duration={args.round_seconds}", f"max-rounds={args.rounds}",
+                                                f'round-mode="{mode}"'], timeout=4 * wall + 300)
+                     for mode in modes}
         solo_events = deployment(tmp, 1, "solo", common + [f"solo-checkpoint-interval={wall}", "max-rounds=1"],
                                  timeout=4 * wall + 300)
-        fed, fed_steady = busy_shares(fed_events, False), busy_shares(fed_events, True)
         baseline = next(iter(busy_shares(solo_events, False).values()))
-        print(f"\n{'phase':>40} {'site':>9} {'busy share':>10} {'vs solo':>8}")
-        print(f"{f'1 site alone, one {wall} s window (baseline)':>40} {'client_0':>9} {baseline:>10.3f} {1.0:>8.2f}")
-        for site, share in fed.items():
-            print(f"{f'{args.sites} sites, {args.rounds} x {args.round_seconds} s rounds':>40} {site:>9} "
-                  f"{share:>10.3f} {share / baseline:>8.2f}")
-        for site, share in fed_steady.items():
-            print(f"{'  the same without round 1 (start-up)':>40} {site:>9} {share:>10.3f} {share / baseline:>8.2f}")
-        stops = {e["round"]: float(e["wall_ts"]) for e in fed_events if e["kind"] == "round-stop"}
-        gaps = [float(e["wall_ts"]) - stops[e["round"]] for e in fed_events if e["kind"] == "round-end"
-                and e["round"] in stops]
-        print(f"\nseconds from a round's stop signal to its aggregated checkpoint: {', '.join(f'{g:.1f}' for g in gaps)}")
+        print(f"\n{'phase':>46} {'site':>9} {'busy share':>10} {'vs solo':>8}")
+        print(f"{f'1 site alone, one {wall} s window (baseline)':>46} {'client_0':>9} {baseline:>10.3f} {1.0:>8.2f}")
+        for mode, fed_events in federated.items():
+            fed, fed_steady = busy_shares(fed_events, False), busy_shares(fed_events, True)
+            for site, share in fed.items():
+                print(f"{f'{args.sites} sites, {args.rounds} x {args.round_seconds} s rounds, {mode}':>46} {site:>9} "
+                      f"{share:>10.3f} {share / baseline:>8.2f}")
+            for site, share in fed_steady.items():
+                print(f"{f'  {mode}, without round 1 (start-up)':>46} {site:>9} {share:>10.3f} "
+                      f"{share / baseline:>8.2f}")
+            stops = {e["round"]: float(e["wall_ts"]) for e in fed_events if e["kind"] == "round-stop"}
+            gaps = [float(e["wall_ts"]) - stops[e["round"]] for e in fed_events if e["kind"] == "round-end"
+                    and e["round"] in stops]
+            print(f"{mode}: seconds from a round's stop signal to its checkpoint written: "
+                  f"{', '.join(f'{g:.1f}' for g in gaps)}")
     if not args.skip_d20:
         print("\nd20-sized synchronisation over the weights data plane (bench/sync.py, data plane only):", flush=True)
         subprocess.run([sys.executable, str(ROOT / "bench" / "sync.py"), "--skip-flower", "--sites", "1"], check=True)

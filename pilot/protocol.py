@@ -130,6 +130,7 @@ class RoundRequest:
     max_steps: int                 # steps left before the run's horizon
     update_payload: str = "weights-fp32"   # how to hand the update in (pilot/dataplane/payload.py): weights-fp32 | delta-bf16
     blob_ca: str = ""              # PEM of the CA the weights server's TLS certificate chains to ("" = plain HTTP)
+    round_mode: str = "sync"       # "overlap": hand the update in and train on while it travels (pilot/site/trainer.py)
     site: str = ""                 # the site it is for ("" = not said): a signed request cannot serve another site
 
     def to_json(self) -> str:

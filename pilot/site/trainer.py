@@ -15,6 +15,26 @@ goes stale or Redis stops answering: watchers.py); it raises the trainer's stop 
 per-step all-reduce makes every rank stop at the same step boundary: within one optimizer step of the
 signal, no rank left waiting in a collective.
 
+Overlapped rounds (round-mode "overlap"; Streaming DiLoCo's overlapped outer step, DiLoCoX's one-round delay).
+The site keeps an anchor A: the global model its weights W descend from. At a round's end it computes its
+pseudo-gradient D = A - W, hands it in on a background thread (upload, then the result) and sets A <- W; it
+trains on (W keeps moving: the next round's work, "carried") while the server averages. When the next global
+model G arrives (fetched on a background thread too), it is folded in at a step boundary:
+
+    W <- W + (G - A);   A <- G
+
+so the site keeps the progress it made since the boundary (W - A) on top of the new global model, and its next
+pseudo-gradient A - W_end = G - W_end is again measured from a global model, as the outer optimizer expects. It
+is one round late: the steps taken before the fold were computed on weights that did not yet hold the last
+average, which is the delay the overlapped outer step accepts to keep the accelerators busy. A lone site's
+upload is adopted by the server as the global model, so G == A and the fold changes nothing. The carried steps
+count in the next round's result (tokens, steps, data cursors), and only if that round continues this site's
+data exactly where it stopped (the ledger committed what the site reported); otherwise they are dropped: the
+exact global weights are loaded and the loader rebuilt at the request's cursors, so no row is counted twice.
+A closed window, a stale signal or a replaced server stops carrying at once; carrying also stops after one
+round's worth of steps without a new request. Memory at rank 0: W, A and, while a fetch or upload is in
+flight, one more copy (the fetched G, or half of one for a bf16 pseudo-gradient): at most three model copies.
+
 Failing: whatever one rank cannot do (fetch, check the weights, open its shards, read a row group, upload)
 the ranks learn together (`agreed`: one all-reduce of a flag, then the failing rank's reason as JSON), and
 every rank ends the round with the same error. A non-finite loss ends the round before its update (the
@@ -26,10 +46,13 @@ the next round fetches them again; the process, its optimizer state and compiled
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -43,7 +66,7 @@ from nanochat.trainer import DataExhausted, TrainConfig, Trainer, plan_training
 from pilot import coordination, protocol, signing
 from pilot.dataplane.blob import BlobError, TensorBlob
 from pilot.dataplane.client import fetch_blob, site_tls, upload_blob
-from pilot.dataplane.payload import update_blob
+from pilot.dataplane.payload import encode_update, update_blob
 from pilot.protocol import RoundRequest, RoundResult
 from pilot.site.watchers import Heartbeat, MetricsPusher, StopWatcher, log
 
@@ -51,6 +74,19 @@ INBOX_BLOCK_MS = 1000     # wait for work this long between heartbeats
 REDIS_RETRY_S = 1.0       # Redis away: try again this often (a result waits to be handed in, never dropped)
 # what a rank may fail with inside a round (anything else is a bug, and ends the process)
 ROUND_ERRORS = (BlobError, ShardError, ValueError, RuntimeError, OSError, FloatingPointError)
+
+
+@dataclass
+class Carry:
+    """Overlap mode: the work done since the last round's end, counted in the next round's result."""
+
+    cursors: list[dict] | None       # the data position the site reported at that end (what the ledger commits)
+    cap: int                         # carry at most this many steps without a new request (the last round's)
+    steps: int = 0
+    tokens: int = 0
+    loss_sum: float = 0.0
+    training_s: float = 0.0
+    wall_start: float = field(default_factory=time.time)
 
 
 class RoundFailed(Exception):
@@ -180,6 +216,14 @@ class SiteTrainer:
         self.last_digest = ""       # digest of the global weights the model holds now ("" = not known: fetch)
         self.round_start: dict[str, torch.Tensor] | None = None   # rank 0: the round's start weights (one buffer)
         self.steps_total = 0        # optimizer steps this process has taken, across rounds
+        # overlap mode (see the module's docstring)
+        self.anchor: dict[str, torch.Tensor] | None = None   # rank 0: A, the global model W descends from
+        self.carry: Carry | None = None
+        self.incoming: dict | None = None        # rank 0: {"weights": G, "digest": ..., "error": ...} from the fetcher
+        self.fetcher: threading.Thread | None = None
+        self.handing_in: threading.Thread | None = None     # rank 0: the last round's upload and result
+        self.boundary_failed = False             # that upload failed: the next round loads the exact weights
+        self.inbox_id = ""                       # the inbox entry of the round being trained (its result's receipt)
         self.watcher = StopWatcher(client, run, site, self.trainer) if info.rank == 0 else None
         self.metrics = MetricsPusher(client, run, site) if client is not None else None
 
@@ -217,6 +261,7 @@ class SiteTrainer:
         the compiled model and the process stay."""
         self.last_digest = ""
         self.round_start = None
+        self.anchor, self.carry, self.incoming = None, None, None
         self.trainer.model.zero_grad(set_to_none=True)   # a step that raised may have left its gradients
         dropped = drop_nonfinite_moments(self.trainer.optimizers)
         if dropped:
@@ -225,10 +270,16 @@ class SiteTrainer:
             self.loader.close()
         self.loader, self.loader_shards = None, []
 
-    def _set_data(self, request: RoundRequest) -> None:
-        """Keep the current loader when the request continues exactly where it is; else build a new one."""
+    def _set_data(self, request: RoundRequest, carried: bool = False) -> None:
+        """Keep the current loader when the request continues exactly where it is; else build a new one. With
+        carried steps (overlap) the loader is where those steps left it: kept, or rebuilt there over the
+        request's shard list (the ledger dropped a finished shard or added a new one)."""
         start = request.cursors[self.info.rank] if request.cursors else None
-        if self.loader is not None and request.shards == self.loader_shards:
+        if carried and self.loader is not None:
+            if request.shards == self.loader_shards:
+                return
+            start = self.loader.state_dict()
+        elif self.loader is not None and request.shards == self.loader_shards:
             here = self.loader.state_dict()
             if start is None or all(here.get(k) == start.get(k) for k in ("file", "row", "offset")):
                 return
@@ -268,18 +319,38 @@ class SiteTrainer:
     def _run_round(self, request: RoundRequest) -> RoundResult:
         started, wall_start = time.perf_counter(), time.time()
         trainer = self.trainer
+        overlap = request.round_mode == "overlap"
+        self._wait_handed_in()
+        carry = self._take_carry(request) if overlap else None
         trainer.stop_event.clear()
         if self.watcher is not None:
             self.watcher.arm(request.round, request.server_id)
         # a request that waited in the inbox past its window (or its signal's freshness) trains no step at all
         reason = broadcast_json(self.watcher.check() if self.watcher is not None else None, self.info) or ""
+        if reason and carry is not None:
+            # no step may train now, so the new global model is not folded in: the carried steps (on the last
+            # anchor) are dropped with the anchor, and their rows stay uncommitted for whoever trains them next
+            log(f"round {request.round}: {reason}: {carry.steps} carried step(s) dropped")
+            carry, self.anchor, self.last_digest = None, None, ""
         if not reason:
-            self._load_weights(request)
-            self._set_data(request)
-        trainer.step_count = request.schedule_step
-        steps, tokens, loss_sum, training_s = 0, 0, 0.0, 0.0
+            if carry is not None:
+                self._fetch_in_background(request)
+            else:
+                self._load_weights(request)
+                if overlap and self.info.rank == 0:
+                    self.anchor = self.round_start if self.round_start is not None else self.trainer.get_weights()
+                    self.round_start = None
+            self._set_data(request, carried=carry is not None)
+        trainer.step_count = request.schedule_step + (carry.steps if carry else 0)
+        steps = carry.steps if carry else 0
+        tokens = carry.tokens if carry else 0
+        loss_sum = carry.loss_sum if carry else 0.0
+        training_s = carry.training_s if carry else 0.0
+        wall_start = carry.wall_start if carry else wall_start
         exhausted = False
         while not reason:
+            if overlap:
+                self._fold_if_arrived(request)
             if steps >= request.max_steps:
                 reason = "horizon"
                 break
@@ -294,36 +365,213 @@ class SiteTrainer:
                 raise RoundFailed(f"non-finite training: {error} (round {request.round}, its step {steps + 1}); "
                                   f"the update was not applied") from error
             steps += 1
+            self.steps_total += 1
             tokens += trainer.plan.total_batch_size
             loss_sum += result.loss
             training_s += result.dt
-            if self.metrics is not None:
-                self.metrics.push(round=request.round, step=self.steps_total + steps, loss=f"{result.loss:.6f}",
-                                  tokens=trainer.plan.total_batch_size, seconds=f"{result.dt:.6f}",
-                                  wall_ts=f"{time.time():.3f}")
+            self._push_metrics(request.round, result)
             if result.stop:
                 reason = (self.watcher.reason if self.watcher else "") or "stop"
                 break
+        if overlap and carry is not None:
+            self._fold_if_arrived(request, wait=True)   # the update is measured from this round's global model
         stopped_at = time.time()  # every rank leaves the loop at the same step boundary
         if self.watcher is not None:
             self.watcher.disarm()
-        self.steps_total += steps
         cursors = trainer.data_cursors()
+        result = RoundResult(
+            round=request.round, site=self.site, status="ok", server_id=request.server_id, reason=reason,
+            tokens=tokens, steps=steps, loss=loss_sum / steps if steps else float("nan"), cursors=cursors,
+            world_size=self.info.world_size, exhausted=exhausted, trainer_pid=os.getpid(),
+            seconds_training=training_s,
+            extra={"stopped_at": stopped_at, "wall_start": wall_start, "carried_steps": carry.steps if carry else 0})
+        if overlap and steps > 0 and broadcast_json(self.anchor is not None and self._may_carry_on(reason), self.info):
+            # hand the update in on a thread and train on: the result reaches the outbox once it is uploaded
+            self._hand_in_in_background(request, result, started)
+            self.carry = Carry(cursors=cursors, cap=max(1, steps))
+            trainer.stop_event.clear()     # the round's stop is handled; carried steps obey the next signals
+            if self.watcher is not None:   # (the window, the signal, the server) like any other step
+                self.watcher.arm(request.round + 1, request.server_id)
+            return dataclasses.replace(result, status="pending")   # the serve loop: the thread hands it in
         if steps > 0:  # with no step taken the model still holds the global weights it was sent
+            if overlap and self.info.rank == 0 and self.anchor is not None:
+                self.round_start, self.anchor = self.anchor, None   # the sync path hands in from the anchor
             digest = agreed(self.info, "uploading the round's update", self._upload, request)
             self.round_start = None
             self.last_digest = broadcast_json(digest, self.info)
-        weights_digest = self.last_digest
+        result.weights_digest = self.last_digest
+        result.trainer_step = self.steps_total
         if self.metrics is not None:
             self.metrics.deliver()  # the round's steps are in Redis before its result is (waits out an outage)
-        return RoundResult(
-            round=request.round, site=self.site, status="ok", server_id=request.server_id, reason=reason,
-            weights_digest=weights_digest,
-            tokens=tokens, steps=steps, loss=loss_sum / steps if steps else float("nan"), cursors=cursors,
-            world_size=self.info.world_size, exhausted=exhausted, trainer_pid=os.getpid(),
-            trainer_step=self.steps_total, seconds_training=training_s,
-            seconds_total=time.perf_counter() - started,
-            extra={"stopped_at": stopped_at, "wall_start": wall_start, "wall_end": time.time()})
+        result.seconds_total = time.perf_counter() - started
+        result.extra["wall_end"] = time.time()
+        return result
+
+    def _push_metrics(self, round_number: int, result) -> None:
+        if self.metrics is not None:
+            self.metrics.push(round=round_number, step=self.steps_total, loss=f"{result.loss:.6f}",
+                              tokens=self.trainer.plan.total_batch_size, seconds=f"{result.dt:.6f}",
+                              wall_ts=f"{time.time():.3f}")
+
+    # -------------------------------------------------------------- overlap mode
+    def _take_carry(self, request: RoundRequest) -> Carry | None:
+        """The carried work, if this request continues exactly where the site's data stopped; else None, and
+        the carried steps are dropped (exact global weights, loader at the request's cursors)."""
+        carry, self.carry = self.carry, None
+        failed, self.boundary_failed = self.boundary_failed, False
+        here = self.loader.state_dict() if self.loader is not None else {}
+        same_data = carry is not None and not failed and (request.cursors or None) == (carry.cursors or None) \
+            and (request.shards == self.loader_shards or here.get("file") in request.shards)
+        if all(bool(x) for x in self._gather_flags(bool(same_data))):
+            return carry
+        if carry is not None or failed:
+            if carry is not None and carry.steps:
+                log(f"round {request.round}: {carry.steps} carried step(s) dropped (the round does not continue "
+                    f"this site's data, or its last update was not handed in); loading the exact global weights")
+            self.last_digest = ""
+            self.anchor = None
+        return None
+
+    def _gather_flags(self, flag: bool) -> list[bool]:
+        """Every rank's flag (one all-reduce of the minimum: all true or not)."""
+        if self.info.world_size == 1:
+            return [flag]
+        t = torch.tensor([int(flag)], dtype=torch.int64, device=_collective_device(self.info))
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return [bool(t.item())]
+
+    def _fetch_in_background(self, request: RoundRequest) -> None:
+        """Rank 0 fetches the round's global model on a thread (nothing to fetch when it is this site's own
+        upload, adopted as it was: the anchor already is that model)."""
+        self.incoming = None
+        if self.info.rank != 0 or request.weights_digest == self.last_digest:
+            return
+
+        def fetch() -> None:
+            try:
+                weights = self._fetch(request)
+                self.incoming = {"weights": weights, "digest": request.weights_digest, "error": ""}
+            except ROUND_ERRORS as error:
+                self.incoming = {"weights": None, "digest": request.weights_digest,
+                                 "error": f"fetching the global weights: {error}"}
+
+        self.fetcher = threading.Thread(target=fetch, name="fetch-global", daemon=True)
+        self.fetcher.start()
+
+    def _fold_if_arrived(self, request: RoundRequest, wait: bool = False) -> None:
+        """At a step boundary: fold the fetched global model in (W += G - A; A <- G), on every rank together."""
+        if self.info.rank == 0 and wait and self.fetcher is not None:
+            self.fetcher.join()
+        ready = self.info.rank == 0 and self.incoming is not None
+        state = broadcast_json({"ready": True, "error": self.incoming["error"]} if ready else None, self.info)
+        if state is None:
+            return
+        if state["error"]:
+            self.incoming = None
+            raise RoundFailed(state["error"])
+        if self.info.rank == 0:
+            incoming, self.incoming, self.fetcher = self.incoming, None, None
+            weights = incoming["weights"]
+            with torch.no_grad():
+                live = self.trainer.model.state_dict()
+                for name, g in weights.items():
+                    if g.is_floating_point():
+                        live[name].add_((g - self.anchor[name]).to(live[name].device, live[name].dtype))
+                    else:
+                        live[name].copy_(g)
+            self.anchor = weights
+            self.last_digest = incoming["digest"]
+        if self.info.world_size > 1:
+            for tensor in self.trainer.model.state_dict().values():
+                dist.broadcast(tensor, 0)
+        self.last_digest = broadcast_json(self.last_digest if self.info.rank == 0 else "", self.info)
+
+    def _hand_in_in_background(self, request: RoundRequest, result: RoundResult, started: float) -> None:
+        """Rank 0: the round's update (A - W, or W itself for weights-fp32) is encoded now, A <- W, and a thread
+        uploads it and then hands the result in; the other ranks go on at once."""
+        if self.info.rank != 0:
+            return
+        live = self.trainer.model.state_dict()
+        if request.update_payload == "weights-fp32":
+            self.anchor = self.trainer.get_weights()             # A <- W, and A itself is the payload
+            blob = TensorBlob(self.anchor, {"payload": "weights-fp32"})
+        else:
+            # D = A - W in the payload's own (smaller) tensors, then A <- W in A's own memory
+            blob = TensorBlob(encode_update(self.anchor, live, request.update_payload),
+                              {"payload": request.update_payload})
+            with torch.no_grad():
+                for name, tensor in live.items():
+                    self.anchor[name].copy_(tensor.detach().to(self.anchor[name].device))
+        site, metrics = self, self.metrics
+
+        def hand() -> None:
+            try:
+                digest = upload_blob(request.blob_url, blob, token=request.blob_token,
+                                     ssl_context=site_tls(request.blob_ca))
+                result.weights_digest = digest
+                # a weights-fp32 upload is what the server adopts as the global model: the site holds it (as A)
+                site.last_digest = digest if request.update_payload == "weights-fp32" else ""
+            except BlobError as error:
+                result.status, result.reason = "error", f"uploading the round's update: {error}"
+                site.boundary_failed, site.last_digest = True, ""
+            result.trainer_step = site.steps_total
+            if metrics is not None:
+                metrics.deliver()
+            result.seconds_total = time.perf_counter() - started
+            result.extra["wall_end"] = time.time()
+            if site.r is not None:
+                hand_in(site.r, site.run, site.site, result, inbox_id)
+                log(f"round {result.round}: {result.steps} steps, {result.tokens} tokens handed in while training "
+                    f"on ({result.status}{': ' + result.reason if result.status != 'ok' else ''})")
+
+        inbox_id = self.inbox_id
+        self.handing_in = threading.Thread(target=hand, name="hand-in", daemon=True)
+        self.handing_in.start()
+
+    def _may_carry_on(self, reason: str) -> bool:
+        """Rank 0: train on past this round's end? When it ended for the federation's reasons (its clock, another
+        site's window) and nothing stops this site (its own window, its signal, its server): the watcher's own
+        reading says. Not when no next round will come (the horizon, the data, the simulation's end)."""
+        if any(word in reason for word in ("horizon", "data exhausted", "energy simulation finished")):
+            return False
+        return self.watcher is not None and self.watcher.check() is None
+
+    def _wait_handed_in(self) -> None:
+        if self.handing_in is not None:
+            self.handing_in.join()
+            self.handing_in = None
+
+    def can_carry_on(self) -> bool:
+        """Between rounds in overlap mode: take another carried step? (every rank gets rank 0's answer)"""
+        go = False
+        if self.info.rank == 0 and self.carry is not None and self.carry.steps < self.carry.cap \
+                and not self.trainer.stop_event.is_set() and self.watcher is not None:
+            go = self.watcher.check() is None
+        return bool(broadcast_json(go, self.info))
+
+    def carry_step(self, next_round: int) -> None:
+        """One step of the next round's work while the last one's update travels (overlap mode)."""
+        carry = self.carry
+        try:
+            result = self.trainer.step()
+        except (DataExhausted, FloatingPointError) as error:
+            log(f"carrying stopped: {type(error).__name__}: {error}")
+            self.carry = Carry(cursors=carry.cursors, cap=0, steps=carry.steps, tokens=carry.tokens,
+                               loss_sum=carry.loss_sum, training_s=carry.training_s, wall_start=carry.wall_start)
+            if isinstance(error, FloatingPointError):
+                self.boundary_failed = True
+            return
+        carry.steps += 1
+        self.steps_total += 1
+        carry.tokens += self.trainer.plan.total_batch_size
+        carry.loss_sum += result.loss
+        carry.training_s += result.dt
+        if self.metrics is not None:
+            self.metrics.push(round=next_round, step=self.steps_total, loss=f"{result.loss:.6f}",
+                              tokens=self.trainer.plan.total_batch_size, seconds=f"{result.dt:.6f}",
+                              wall_ts=f"{time.time():.3f}")
+        if result.stop:
+            carry.cap = carry.steps   # the watcher saw a closed window or a stale signal: no more carried steps
 
 
 def hand_in(client: redis.Redis, run: str, site: str, result: RoundResult, inbox_id: str) -> None:
@@ -344,6 +592,10 @@ def hand_in(client: redis.Redis, run: str, site: str, result: RoundResult, inbox
                 log(f"round {result.round}: Redis unavailable ({error}); the result waits for it")
             time.sleep(REDIS_RETRY_S)
             waited += REDIS_RETRY_S
+
+
+def heartbeat_round(heartbeat: Heartbeat | None) -> int:
+    return int(heartbeat.fields.get("round", 0)) if heartbeat is not None else 0
 
 
 def wait_for_train_config(client: redis.Redis, run: str) -> dict:
@@ -374,9 +626,10 @@ def serve(args: argparse.Namespace) -> int:
         log(f"site {args.site}: ready (pid {os.getpid()}, {info.world_size} rank(s) on {info.device})")
     while True:
         message = None
+        carrying = site.carry is not None and site.can_carry_on()   # overlap: train on while the update travels
         if client is not None:
             try:
-                entries = client.xread({inbox: last_id}, block=INBOX_BLOCK_MS, count=1)
+                entries = client.xread({inbox: last_id}, block=None if carrying else INBOX_BLOCK_MS, count=1)
                 server_alive = not entries and client.exists(protocol.server_alive_key(args.run_id))
             except redis.RedisError as error:   # wait for it (an outage is not the server's absence)
                 log(f"site {args.site}: Redis unavailable ({error})")
@@ -393,6 +646,8 @@ def serve(args: argparse.Namespace) -> int:
                 message = {"kind": "shutdown"}
         message = broadcast_json(message, info)
         if message is None:
+            if carrying:
+                site.carry_step(next_round=heartbeat_round(heartbeat) + 1)
             continue
         if message.get("kind") == "shutdown":
             log(f"site {args.site}: shutdown requested")
@@ -410,6 +665,7 @@ def serve(args: argparse.Namespace) -> int:
             continue
         if heartbeat is not None:
             heartbeat.update(status="training", round=request.round)
+        site.inbox_id = message["id"]
         try:
             result = site.run_round(request)
         except RoundFailed as error:
@@ -422,11 +678,16 @@ def serve(args: argparse.Namespace) -> int:
             site.forget()
             result = RoundResult(round=request.round, site=args.site, status="error", reason=str(error),
                                  server_id=request.server_id, trainer_pid=os.getpid(), trainer_step=site.steps_total)
+        if result.status == "pending":
+            continue   # overlap: a thread hands the result in once its update is uploaded; training goes on
         if client is not None:
             hand_in(client, args.run_id, args.site, result, message["id"])
             heartbeat.update(status="idle", step=site.steps_total)
             log(f"round {request.round}: {result.steps} steps, {result.tokens} tokens, loss {result.loss:.4f}, "
                 f"stopped: {result.reason or '-'}")
+    site._wait_handed_in()   # a result still on its way is handed in before the process ends
+    if site.loader is not None:
+        site.loader.close()  # its reader thread may be mid-read (carried steps): stop it before the interpreter does
     if site.metrics is not None:
         site.metrics.stop()
     if heartbeat is not None:

@@ -1,0 +1,116 @@
+"""Overlapped rounds at a real site trainer (round-mode "overlap"): the site keeps stepping while its update
+travels and the server averages, folds the next global model in when it arrives, and counts the carried steps
+in the next round's result, where the ledger accounts them once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+
+from nanochat.gpt import build_model
+from nanochat.tokenizer import Tokenizer
+from nanochat.trainer import TrainConfig, plan_training
+from pilot import coordination, protocol
+from pilot.dataplane import payload
+from pilot.dataplane.server import BlobServer
+from pilot.dataplane.store import BlobStore
+from pilot.energy.events import site_key
+from pilot.protocol import RoundRequest, RoundResult
+from tests.conftest import subprocess_env
+
+RUN, SITE = "overlap-test", "client_0"
+
+
+def wait_result(r, round_number: int, timeout: float = 90) -> RoundResult:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for _, fields in r.xrevrange(protocol.outbox_key(RUN, SITE), count=1):
+            result = RoundResult.from_json(fields["result"])
+            if result.round == round_number:
+                return result
+        time.sleep(0.02)
+    raise AssertionError(f"no result for round {round_number}")
+
+
+def steps_of(r) -> list[dict]:
+    return [{k: float(v) for k, v in f.items()} for _, f in r.xrange(protocol.metrics_key(RUN, SITE))]
+
+
+def test_a_site_keeps_stepping_through_the_sync_and_folds_the_average_in(tmp_path, text_shards, tiny_tokenizer):
+    run_dir = tmp_path / "run"
+    r = coordination.connect(run_dir=run_dir)
+    url = coordination.EmbeddedRedis(run_dir).read_state().url
+    cfg = TrainConfig(depth=2, max_seq_len=64, device_batch_size=2, total_batch_size=128, num_iterations=100000,
+                      compile="off")
+    plan = plan_training(cfg, Tokenizer.from_directory(tiny_tokenizer).get_vocab_size(), world_size=1)
+    r.set(protocol.train_config_key(RUN),
+          json.dumps({**asdict(cfg), "data_dir": str(text_shards), "tokenizer_dir": str(tiny_tokenizer)}))
+    r.set(protocol.server_current_key(RUN), "srv")
+    r.set(protocol.server_alive_key(RUN), "srv")
+    r.hset(site_key(RUN, SITE), mapping={"curtailed": 1})
+    store = BlobStore()
+    global_1 = {k: v.clone() for k, v in build_model(plan.model_config, seed=0).state_dict().items()}
+    shards = [p.name for p in sorted(text_shards.glob("shard_*.parquet"))[:2]]
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "pilot.site.trainer", "--site", SITE, "--run-id", RUN, "--run-dir", str(run_dir),
+         "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=subprocess_env(PILOT_REDIS_URL=url, PILOT_SITE_THREADS="1"))
+    try:
+        with BlobServer(store, token="t") as server:
+            def request(n: int, digest: str, cursors) -> None:
+                req = RoundRequest(round=n, server_id="srv", weights_digest=digest, blob_url=server.url,
+                                   blob_token="t", shards=shards, cursors=cursors, schedule_step=0, max_steps=10**6,
+                                   update_payload="delta-bf16", round_mode="overlap")
+                r.xadd(protocol.inbox_key(RUN, SITE), {"kind": "train", "round": n, "request": req.to_json()},
+                       maxlen=1)
+
+            request(1, store.publish(global_1), None)
+            while len(steps_of(r)) < 40:   # round 1 lasts longer than the sync below (a site carries one round's worth)
+                assert trainer.poll() is None, trainer.stdout.read()
+                time.sleep(0.05)
+            stop_1 = time.time()
+            r.set(protocol.stop_key(RUN, 1), "round duration reached")
+            first = wait_result(r, 1)
+            assert first.status == "ok" and first.steps > 0 and first.extra["carried_steps"] == 0
+            # the server: the average of one site's pseudo-gradient, as the next global model (the sync takes a while)
+            kind, delta = payload.read_update(store.get(first.weights_digest))
+            assert kind == "delta-bf16"
+            global_2 = payload.decode_update(delta, global_1, kind)
+            time.sleep(0.5)
+            request(2, store.publish(global_2), first.cursors)
+            time.sleep(1.5)
+            r.set(protocol.stop_key(RUN, 2), "round duration reached")
+            second = wait_result(r, 2)
+            r.xadd(protocol.inbox_key(RUN, SITE), {"kind": "shutdown"}, maxlen=1)
+            output, _ = trainer.communicate(timeout=60)
+        assert trainer.returncode == 0, output
+
+        steps = steps_of(r)
+        # it never stood still for the sync: across round 1's end, no gap longer than two steps
+        around = [s for s in steps if stop_1 - 2 <= s["wall_ts"] <= stop_1 + 4]
+        durations = sorted(s["seconds"] for s in steps)
+        typical = durations[len(durations) // 2]
+        gaps = [b["wall_ts"] - a["wall_ts"] for a, b in zip(around, around[1:], strict=False)]
+        assert max(gaps) <= 2 * typical + 0.25, (max(gaps), typical)   # 0.25 s: the metrics' wall-clock stamps
+        # the steps taken while the update travelled belong to round 2, and count there once
+        assert second.status == "ok" and second.extra["carried_steps"] > 0, second
+        assert len([s for s in steps if s["round"] == 1]) == first.steps
+        assert len([s for s in steps if s["round"] == 2]) == second.steps
+        assert second.tokens == second.steps * plan.total_batch_size
+        assert [s["step"] for s in steps] == list(range(1, len(steps) + 1)), "each step once, in order"
+        # its data moved on from where round 1 ended (carried rows are not read twice)
+        assert (second.cursors[0]["row"], second.cursors[0]["offset"]) != (first.cursors[0]["row"],
+                                                                            first.cursors[0]["offset"])
+        # round 2's pseudo-gradient is measured from global 2: the site's weights are global 2 minus it, finite
+        kind, delta_2 = payload.read_update(store.get(second.weights_digest))
+        end = payload.decode_update(delta_2, global_2, kind)
+        assert all(bool(torch.isfinite(t).all()) for t in end.values())
+        assert not torch.equal(end["lm_head.weight"], global_2["lm_head.weight"])
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
