@@ -10,6 +10,7 @@ naming, Redis keys, the round request and result).
     pilot:{run}:site:{name}:trainer     hash: pid, host, status (starting|idle|training|stopped), round, step
     pilot:{run}:site:{name}:alive       string with a TTL the trainer keeps refreshing: gone = trainer dead
     pilot:{run}:site:{name}:launch      string with a TTL: a ClientApp is starting the trainer (one launch at a time)
+    pilot:{run}:site:{name}:spare       list: shards reserved for the site to lease mid-round (server writes, site pops)
     pilot:{run}:site:{name}:metrics     Stream: one entry per optimizer step (rank 0): round, step, loss, tokens,
                                           seconds, wall_ts; the server drains it into RUN_DIR/logs/steps.jsonl
     pilot:{run}:round:{n}:stop          string: why round n must stop now (set by the server; sites poll it)
@@ -84,6 +85,10 @@ def alive_key(run: str, site: str) -> str:
 
 def launch_key(run: str, site: str) -> str:
     return key(run, "site", site, "launch")
+
+
+def spare_key(run: str, site: str) -> str:
+    return key(run, "site", site, "spare")
 
 
 def metrics_key(run: str, site: str) -> str:

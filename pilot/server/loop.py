@@ -162,6 +162,12 @@ class Federation:
             if not assignment.shards:
                 continue
             assignments[site] = assignment
+            spares = ledger.reserve_spares(site, assignment.shards)
+            pipe = self.r.pipeline(transaction=True)   # the site leases from this list when its shards run out
+            pipe.delete(protocol.spare_key(self.run_id, site))
+            if spares:
+                pipe.rpush(protocol.spare_key(self.run_id, site), *spares)
+            pipe.execute()
             request = RoundRequest(round=number, server_id=self.server_id, weights_digest=digest, blob_url=self.blob_url,
                                    blob_token=self.blob_tokens.issue(site, number), site=site,
                                    shards=assignment.shards, cursors=assignment.cursors,

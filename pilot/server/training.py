@@ -32,6 +32,12 @@ from pilot.server.ledger import Assignment, Ledger
 from pilot.settings import ModelGroup, RoundGroup
 
 
+def shards_trained(assignment: Assignment, result: RoundResult) -> list[str]:
+    """The shards a site worked through in a round: its assignment, then the spares it leased, in order."""
+    spares = [name for name in result.extra.get("spares", []) if name not in assignment.shards]
+    return [*assignment.shards, *spares]
+
+
 class GlobalModel:
     """The run's global model and everything that moves it."""
 
@@ -118,7 +124,7 @@ class GlobalModel:
                 self.emit("site-failed", round=number, site=site, reason=result.reason, reissued=released)
                 continue
             if result.exhausted:  # its shards are trained to the end (a rejected update's rows are not redone)
-                self.ledger.finish(assignments[site].shards)
+                self.ledger.finish(shards_trained(assignments[site], result))
             if result.steps == 0:
                 continue
             blob = store.get(result.weights_digest)
@@ -155,7 +161,7 @@ class GlobalModel:
         for site in updates:
             result, assignment = results[site], assignments[site]
             if not result.exhausted and result.cursors:
-                self.ledger.commit(site, assignment.shards, result.cursors, result.world_size)
+                self.ledger.commit(site, shards_trained(assignment, result), result.cursors, result.world_size)
         self.state.round = number
         self.state.tokens += sum(tokens.values())
         self.state.outer_state = self.outer.state

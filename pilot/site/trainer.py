@@ -224,6 +224,7 @@ class SiteTrainer:
         self.handing_in: threading.Thread | None = None     # rank 0: the last round's upload and result
         self.boundary_failed = False             # that upload failed: the next round loads the exact weights
         self.inbox_id = ""                       # the inbox entry of the round being trained (its result's receipt)
+        self.leased: list[str] = []              # spare shards leased this round (server/ledger.py), in order
         self.watcher = StopWatcher(client, run, site, self.trainer) if info.rank == 0 else None
         self.metrics = MetricsPusher(client, run, site) if client is not None else None
 
@@ -261,7 +262,7 @@ class SiteTrainer:
         the compiled model and the process stay."""
         self.last_digest = ""
         self.round_start = None
-        self.anchor, self.carry, self.incoming = None, None, None
+        self.anchor, self.carry, self.incoming, self.leased = None, None, None, []
         self.trainer.model.zero_grad(set_to_none=True)   # a step that raised may have left its gradients
         dropped = drop_nonfinite_moments(self.trainer.optimizers)
         if dropped:
@@ -292,6 +293,31 @@ class SiteTrainer:
                              self.info.rank, self.info.world_size, start)
         self.loader_shards = list(request.shards)
         self.trainer.train_batches = RoundBatches(self.loader)
+
+    def _lease_spare(self, request: RoundRequest) -> bool:
+        """The site's shards ran out mid-round: lease the next spare shard from its own list (rank 0 pops it,
+        every rank learns it) and go on over it, each rank from where it stands (a rank with rows left in its
+        file trains them first)."""
+        name = None
+        if self.info.rank == 0 and self.r is not None:
+            try:
+                name = self.r.lpop(protocol.spare_key(self.run, self.site))
+            except redis.RedisError as error:
+                log(f"leasing a spare shard: Redis unavailable ({error})")
+        name = broadcast_json(name, self.info)
+        if not name:
+            return False
+        here = self.loader.state_dict()
+        files = [*self.loader_shards, name]
+        self.loader.close()
+        self.loader = agreed(self.info, f"opening the leased shard {name}", DataLoader, self.tokenizer,
+                             self.cfg.device_batch_size, self.cfg.max_seq_len, "train", self.info.device,
+                             [self.data_dir / f for f in files], self.info.rank, self.info.world_size, here)
+        self.loader_shards = files
+        self.trainer.train_batches = RoundBatches(self.loader)
+        self.leased.append(name)
+        log(f"round {request.round}: its shards ran out; leased {name}")
+        return True
 
     def _upload(self, request: RoundRequest) -> str:
         if self.info.rank != 0:
@@ -359,6 +385,8 @@ class SiteTrainer:
             except DataExhausted:
                 # a rank whose shard could not be read ran out of data too: the round fails, naming the file
                 agreed(self.info, "reading the round's shards", trainer.train_batches.raise_error)
+                if self._lease_spare(request):
+                    continue   # the next shard, leased mid-round: data does not run out while a spare is left
                 reason, exhausted = "data exhausted", True
                 break
             except FloatingPointError as error:   # raised on every rank, before the step's update
@@ -379,12 +407,14 @@ class SiteTrainer:
         if self.watcher is not None:
             self.watcher.disarm()
         cursors = trainer.data_cursors()
+        spares, self.leased = self.leased, []
         result = RoundResult(
             round=request.round, site=self.site, status="ok", server_id=request.server_id, reason=reason,
             tokens=tokens, steps=steps, loss=loss_sum / steps if steps else float("nan"), cursors=cursors,
             world_size=self.info.world_size, exhausted=exhausted, trainer_pid=os.getpid(),
             seconds_training=training_s,
-            extra={"stopped_at": stopped_at, "wall_start": wall_start, "carried_steps": carry.steps if carry else 0})
+            extra={"stopped_at": stopped_at, "wall_start": wall_start, "carried_steps": carry.steps if carry else 0,
+                   "spares": spares})
         if overlap and steps > 0 and broadcast_json(self.anchor is not None and self._may_carry_on(reason), self.info):
             # hand the update in on a thread and train on: the result reaches the outbox once it is uploaded
             self._hand_in_in_background(request, result, started)
