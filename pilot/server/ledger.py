@@ -142,6 +142,10 @@ class Ledger:
             records[name].owner = site
             changed[name] = records[name]
             mine.append(name)
+        for name in mine[per_site:]:   # fewer spares now (others need the data): untouched ones go back
+            if records[name].cursors is None:
+                records[name].owner = None
+                changed[name] = records[name]
         self._put(changed)
         return mine[:per_site]
 

@@ -35,6 +35,7 @@ from pilot.protocol import RESULT_KEY, ROUND_KEY, RoundRequest, RoundResult
 from pilot.provision.run import start_provisioning
 from pilot.server import policy
 from pilot.server.clock import EnergyClock
+from pilot.server.ledger import SHARDS_PER_SITE, SPARES_PER_SITE
 from pilot.server.roster import Roster
 from pilot.server.runlog import RunLog, ServerEvents
 from pilot.server.training import AfterRound, GlobalModel
@@ -162,7 +163,13 @@ class Federation:
             if not assignment.shards:
                 continue
             assignments[site] = assignment
-            spares = ledger.reserve_spares(site, assignment.shards)
+        # spares only from the surplus: every site of the run keeps a full share of the free shards for when its
+        # window opens, and only what is beyond goes to this round's sites to lease mid-round
+        free = sum(1 for rec in ledger.records().values() if rec.owner is None and not rec.done)
+        waiting = len(self.roster.seen_sites - set(assignments))
+        per_site = min(SPARES_PER_SITE, max(0, free - waiting * SHARDS_PER_SITE) // max(1, len(assignments)))
+        for site, assignment in sorted(assignments.items()):
+            spares = ledger.reserve_spares(site, assignment.shards, per_site=per_site) if per_site else []
             pipe = self.r.pipeline(transaction=True)   # the site leases from this list when its shards run out
             pipe.delete(protocol.spare_key(self.run_id, site))
             if spares:
