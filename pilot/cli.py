@@ -7,6 +7,7 @@ import importlib
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from pilot import coordination, settings
@@ -75,18 +76,57 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Check the run configuration here, where the person typing sees the answer, then hand over to flwr."""
+    """Check the run configuration here, where the person typing sees the answer, then run `flwr run` with it.
+    Ctrl-C (or SIGTERM) stops the whole run: the server checkpoints and ends, the site trainers and the embedded
+    Redis stop, and for a local simulation the SuperLink, Ray and their processes go too."""
+    import signal  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    from pilot.ops import local, stop  # noqa: PLC0415
+
     try:
-        settings.load(settings.parse_run_config(args.run_config or ""))
+        run = settings.load(settings.parse_run_config(args.run_config or ""))
     except settings.SettingError as error:
         print(f"pilot run: refused: {error}", file=sys.stderr)
         return 2
     command = ["flwr", "run", str(PROJECT_ROOT), args.connection, *(["--run-config", args.run_config] if args.run_config else []),
                *(["--stream"] if args.stream else [])]
     print("pilot run: run configuration checked; " + shlex.join(command), flush=True)
-    os.environ.update({k: v for k, v in flwr_environment().items() if k not in os.environ})
-    os.execvp(command[0], command)
-    return 0  # not reached
+    env = {**flwr_environment(), **os.environ}
+    child = subprocess.Popen(command, env=env, start_new_session=True)   # our Ctrl-C is handled here, in order
+    interrupted: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda number, _frame: interrupted.append(number))
+    while child.poll() is None and not interrupted:
+        time.sleep(0.2)
+    if not interrupted:
+        return child.returncode
+    print("\npilot run: stopping the run (the server checkpoints first; Ctrl-C again is ignored)", flush=True)
+    run_dir = Path(run.run.run_dir) if run.run.run_dir else coordination.default_run_dir(run.run.run_id)
+    try:
+        stop.stop_run(run.run.run_id, run_dir, run.run.redis_url, reason="Ctrl-C on pilot run")
+    except (stop.NoSuchRun, coordination.RedisUnavailable) as error:
+        print(f"pilot run: {error}", flush=True)
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    if args.connection.startswith("local-simulation"):   # its SuperLink runs Ray and the simulation
+        local.stop_local_superlink(Path(env["FLWR_HOME"]))
+    return 130
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from pilot.ops import stop  # noqa: PLC0415
+
+    try:
+        stop.stop_run(args.run_id, Path(args.run_dir) if args.run_dir else None, timeout_s=args.timeout)
+    except stop.NoSuchRun as error:
+        print(f"pilot stop: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-config", default="", help='settings as flwr takes them: \'lr=0.5 run-id="r1"\'')
     p.add_argument("--stream", action="store_true", help="stream the run's log (as flwr run --stream)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("stop", help="stop everything of a run on this machine: server, site trainers, Redis")
+    p.add_argument("run_id", help="the run's id (run setting run-id)")
+    p.add_argument("--run-dir", default="", help="its directory (default: $PILOT_HOME/runs/RUN_ID)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds the server may take to checkpoint and end")
+    p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("env", help="print the environment `flwr` needs for this project (eval \"$(pilot env)\")")
     p.set_defaults(func=cmd_env)

@@ -19,6 +19,7 @@ naming, Redis keys, the round request and result).
     pilot:{run}:server:alive            string with a TTL the server keeps refreshing; a site trainer whose
                                           server has been gone for ORPHAN_TIMEOUT_S exits
     pilot:{run}:server:events           Stream: what the server did (regime, round start/end, checkpoints)
+    pilot:{run}:server:stop             string: the operator asked the run to stop (`pilot stop`, Ctrl-C on `pilot run`)
 
 Streams, not pub/sub: a message written while its reader is busy or restarting is still there to read.
 Only small JSON travels here; weights travel as blobs (pilot/dataplane/), named by digest.
@@ -108,6 +109,10 @@ def server_current_key(run: str) -> str:
 
 def server_alive_key(run: str) -> str:
     return key(run, "server", "alive")
+
+
+def server_stop_key(run: str) -> str:
+    return key(run, "server", "stop")
 
 
 def server_events_key(run: str) -> str:

@@ -89,6 +89,7 @@ class Federation:
         the checkpoint (started by a server that died before checkpointing them) may be run again."""
         self.server_id = secrets.token_hex(6)
         self.r.set(protocol.server_current_key(self.run_id), self.server_id)
+        self.r.delete(protocol.server_stop_key(self.run_id))   # an earlier `pilot stop` ended an earlier start
         self._alive = threading.Event()
         threading.Thread(target=self._heartbeat, name="server-heartbeat", daemon=True).start()
         stale = [k for k in self.r.scan_iter(match=coordination.key(self.run_id, "round", "*", "stop"))
@@ -110,6 +111,13 @@ class Federation:
                              "site-nproc": self.settings.sites.nproc, "site-device": self.settings.sites.device,
                              signing.SERVER_KEY: self.signing_key.public})
 
+    def operator_stop(self) -> str:
+        """Why the operator asked the run to stop (`pilot stop`), or "" (a Redis outage is no such request)."""
+        try:
+            return self.r.get(protocol.server_stop_key(self.run_id)) or ""
+        except redis.RedisError:
+            return ""
+
     def training_now(self) -> frozenset[str]:
         return policy.members(self.clock.curtailed(set(self.roster.sites)), set(self.roster.sites))
 
@@ -120,7 +128,8 @@ class Federation:
             outcome = policy.run_outcome(steps_done=self.model.steps_done, horizon=self.model.horizon,
                                          data_exhausted=self.model.ledger.exhausted(),
                                          rounds_done=self.model.state.round,
-                                         max_rounds=self.settings.rounds.max_rounds, energy_finished=self.clock.finished())
+                                         max_rounds=self.settings.rounds.max_rounds, energy_finished=self.clock.finished(),
+                                         operator_stop=self.operator_stop())
             if outcome is not None:
                 break
             self.roster.discover()
@@ -269,7 +278,8 @@ class Federation:
                 training_now = self.training_now() - (members - current.members)
                 reason = policy.end_reason(current, self.clock.now(), training_now,
                                            energy_finished=self.clock.finished(),
-                                           horizon_reached=self.model.horizon_reached)
+                                           horizon_reached=self.model.horizon_reached,
+                                           operator_stop=self.operator_stop())
                 if reason is not None:
                     stop_reason, stop_sent = reason, time.monotonic()
                     self.r.set(protocol.stop_key(self.run_id, number), reason, ex=24 * 3600)

@@ -52,11 +52,13 @@ class Round:
 
 
 def end_reason(current: Round, now: float, training_now: Set[str], *, energy_finished: bool = False,
-               horizon_reached: bool = False) -> str | None:
+               horizon_reached: bool = False, operator_stop: str = "") -> str | None:
     """Why `current` must end at simulated time `now` given who may train now, or None to go on.
 
     horizon_reached: the global model has taken every optimizer step of the schedule (only ends a round whose
     membership is unchanged; a changed one ends for that reason first)."""
+    if operator_stop:
+        return f"stopped by the operator: {operator_stop}"
     left = sorted(current.members - training_now)
     joined = sorted(training_now - current.members)
     if left:
@@ -74,8 +76,10 @@ def end_reason(current: Round, now: float, training_now: Set[str], *, energy_fin
 
 
 def run_outcome(*, steps_done: int, horizon: int, data_exhausted: bool, rounds_done: int, max_rounds: int,
-                energy_finished: bool) -> str | None:
+                energy_finished: bool, operator_stop: str = "") -> str | None:
     """Why the run ends now (checked between rounds), or None to go on."""
+    if operator_stop:
+        return f"stopped by the operator: {operator_stop}"
     if steps_done >= horizon:
         return "horizon"
     if data_exhausted:
