@@ -75,8 +75,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tokenizer-dir", "", "Directory of the tokenizer. Empty: $NANOCHAT_BASE_DIR/tokenizer."),
     Setting("update-payload", "delta-bf16",
             'What a site of a federated round hands in: "delta-bf16" (the pseudo-gradient start - end in bf16, half '
-            'the bytes; averaged in fp32) or "weights-fp32" (its weights). A site training alone always sends its '
-            'exact fp32 weights.'),
+            'the bytes; averaged in fp32), "weights-fp32" (its weights), or "delta-int8" / "delta-int4" / "delta-int2" '
+            '(block-quantized with error feedback at the site: ~2x / ~4x / ~8x fewer bytes than bf16). A site '
+            'training alone always sends its exact fp32 weights.'),
     Setting("eval-tokens", 16384, "Validation tokens evaluated after every aggregation (0: no evaluation)."),
     Setting("wandb-mode", "",
             'Weights & Biases logging of the run\'s metrics: "offline" (files under the run directory), "online", '
@@ -153,7 +154,8 @@ RANGES = {  # numeric settings that must lie in a range: (low, high, inclusive l
 
 RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 CHOICES = {  # string settings with a fixed set of values
-    "curtailment": ("energy", "always"), "round-mode": ("sync", "overlap"), "outer-optimizer": ("none", "nesterov"),
+    "curtailment": ("energy", "always"), "round-mode": ("sync", "overlap"),
+    "update-payload": ("delta-bf16", "weights-fp32", "delta-int8", "delta-int4", "delta-int2"), "outer-optimizer": ("none", "nesterov"),
     "site-device": ("auto", "cuda", "cpu"), "provisioner": ("none", "local", "kubernetes"),
     "wandb-mode": ("", "offline", "online", "disabled"),
 }

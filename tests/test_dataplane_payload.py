@@ -101,14 +101,49 @@ def test_a_delta_payload_travels_as_a_blob():
 
 def test_bad_input_is_refused_with_a_clear_error():
     start, end = round_pair()
-    for call in (lambda: encode_update(start, end, "delta-int8"), lambda: decode_update(end, start, "fp16"),
+    for call in (lambda: encode_update(start, end, "delta-int3"), lambda: decode_update(end, start, "fp16"),
                  lambda: check_kind("weights")):
         with pytest.raises(ValueError, match="weights-fp32, delta-bf16"):
             call()
-    assert check_kind("delta-bf16") == "delta-bf16" and KINDS == ("weights-fp32", "delta-bf16")
+    assert check_kind("delta-bf16") == "delta-bf16"
+    assert KINDS == ("weights-fp32", "delta-bf16", "delta-int8", "delta-int4", "delta-int2")
+    with pytest.raises(ValueError, match="error feedback"):
+        encode_update(start, end, "delta-int8")
     with pytest.raises(ValueError, match=r"missing \['wte.weight'\]"):
         encode_update(start, {k: v for k, v in end.items() if k != "wte.weight"}, "delta-bf16")
     with pytest.raises(ValueError, match="scalar has shape"):
         decode_update({**end, "scalar": torch.zeros(2)}, start, "weights-fp32")
     with pytest.raises(ValueError, match="wte.weight is torch.float32, a delta-bf16 payload holds torch.bfloat16"):
         decode_update(end, start, "delta-bf16")  # fp32 weights decoded as if they were a delta
+
+
+@pytest.mark.parametrize("kind", ["delta-int8", "delta-int4"])
+def test_a_quantized_update_travels_within_its_limits_and_decodes_within_its_error(kind):
+    """A site's quantized pseudo-gradient (with its error feedback) is accepted by a weights server limited to the
+    run's layouts, decodes on the server to the fp32 delta within half a block step, and the residual it leaves
+    is what the next round adds: two rounds' decoded deltas sum to the true deltas minus the final residual."""
+    from pilot.dataplane import quantize
+    from pilot.dataplane.payload import read_update, update_blob
+    from pilot.dataplane.server import AnyUploadLimits, UploadLimits
+
+    start, end = round_pair()
+    feedback = quantize.ErrorFeedback(kind, residual_dtype=torch.float32)
+    limits = AnyUploadLimits(UploadLimits.for_weights(start), UploadLimits.for_quantized(start, kind))
+    store = BlobStore()
+    sent_total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in start.items() if v.is_floating_point()}
+    true_total = {k: torch.zeros_like(v) for k, v in sent_total.items()}
+    with BlobServer(store, token="t", upload_limits=limits) as server:
+        for _ in range(2):
+            blob = update_blob(start, end, kind, feedback=feedback, reuse_start=False)
+            digest = upload_blob(server.url, blob, token="t")
+            got_kind, delta = read_update(store.get(digest))
+            assert got_kind == kind
+            for k in sent_total:
+                sent_total[k] += delta[k]
+                true_total[k] += start[k].float() - end[k].float()
+        with pytest.raises(Exception, match="400|model has not|shape"):   # another layout is refused
+            upload_blob(server.url, TensorBlob({"junk": torch.zeros(4, 4)}), token="t")
+    for k in sent_total:
+        assert torch.allclose(sent_total[k], true_total[k] - feedback.residual[k].float(), atol=1e-6)
+    bf16 = payload_module.payload_bytes(start, "delta-bf16")
+    assert payload_module.payload_bytes(start, kind) < bf16

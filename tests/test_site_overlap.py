@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import asdict
 
+import pytest
 import torch
 
 from nanochat.gpt import build_model
@@ -41,7 +42,8 @@ def steps_of(r) -> list[dict]:
     return [{k: float(v) for k, v in f.items()} for _, f in r.xrange(protocol.metrics_key(RUN, SITE))]
 
 
-def test_a_site_keeps_stepping_through_the_sync_and_folds_the_average_in(tmp_path, text_shards, tiny_tokenizer):
+@pytest.mark.parametrize("kind", ["delta-bf16", "delta-int4"])
+def test_a_site_keeps_stepping_through_the_sync_and_folds_the_average_in(kind, tmp_path, text_shards, tiny_tokenizer):
     run_dir = tmp_path / "run"
     r = coordination.connect(run_dir=run_dir)
     url = coordination.EmbeddedRedis(run_dir).read_state().url
@@ -65,7 +67,7 @@ def test_a_site_keeps_stepping_through_the_sync_and_folds_the_average_in(tmp_pat
             def request(n: int, digest: str, cursors) -> None:
                 req = RoundRequest(round=n, server_id="srv", weights_digest=digest, blob_url=server.url,
                                    blob_token="t", shards=shards, cursors=cursors, schedule_step=0, max_steps=10**6,
-                                   update_payload="delta-bf16", round_mode="overlap")
+                                   update_payload=kind, round_mode="overlap")
                 r.xadd(protocol.inbox_key(RUN, SITE), {"kind": "train", "round": n, "request": req.to_json()},
                        maxlen=1)
 
@@ -78,8 +80,8 @@ def test_a_site_keeps_stepping_through_the_sync_and_folds_the_average_in(tmp_pat
             first = wait_result(r, 1)
             assert first.status == "ok" and first.steps > 0 and first.extra["carried_steps"] == 0
             # the server: the average of one site's pseudo-gradient, as the next global model (the sync takes a while)
-            kind, delta = payload.read_update(store.get(first.weights_digest))
-            assert kind == "delta-bf16"
+            got, delta = payload.read_update(store.get(first.weights_digest))
+            assert got == kind
             global_2 = payload.decode_update(delta, global_1, kind)
             time.sleep(0.5)
             request(2, store.publish(global_2), first.cursors)
@@ -107,7 +109,7 @@ def test_a_site_keeps_stepping_through_the_sync_and_folds_the_average_in(tmp_pat
         assert (second.cursors[0]["row"], second.cursors[0]["offset"]) != (first.cursors[0]["row"],
                                                                             first.cursors[0]["offset"])
         # round 2's pseudo-gradient is measured from global 2: the site's weights are global 2 minus it, finite
-        kind, delta_2 = payload.read_update(store.get(second.weights_digest))
+        _, delta_2 = payload.read_update(store.get(second.weights_digest))
         end = payload.decode_update(delta_2, global_2, kind)
         assert all(bool(torch.isfinite(t).all()) for t in end.values())
         assert not torch.equal(end["lm_head.weight"], global_2["lm_head.weight"])

@@ -1,9 +1,12 @@
-"""What a site sends back after a round: its update, as one of two payload kinds (run setting `update-payload`).
+"""What a site sends back after a round: its update, as one of the payload kinds (run setting `update-payload`).
 
     weights-fp32   the site's weights at the end of the round, fp32: 4 bytes a parameter, exact
     delta-bf16     the pseudo-gradient start - end (the round's starting weights minus the site's), cast to
                    bf16: 2 bytes a parameter, half the bytes; the error is bf16 rounding of the delta (a
                    relative 2^-9 of each element of the delta), not of the weights
+    delta-int8     the pseudo-gradient quantized block-wise (pilot/dataplane/quantize.py) with error feedback
+    delta-int4     kept at the site (what a round does not send is added to the next round's delta): 8.06,
+    delta-int2     4.06 or 2.06 bits a parameter with the scales; decoded to fp32 on the server
 
 The server always gets fp32 weights back (start - delta), so averaging and the outer optimizer run in fp32.
 Memory (at most two copies of the model per process during a sync): a site holds its live model (`end`)
@@ -28,12 +31,15 @@ from collections.abc import Mapping
 
 import torch
 
+from pilot.dataplane import quantize
 from pilot.dataplane.blob import TensorBlob
 
-KINDS = ("weights-fp32", "delta-bf16")
+QUANTIZED = tuple(quantize.KINDS)
+KINDS = ("weights-fp32", "delta-bf16", *QUANTIZED)
 BLOCK = 1 << 20  # elements per step: a cache-sized scratch, not a model-sized one (and ~7x faster on CPU)
 
-_WIRE_DTYPE = {"weights-fp32": torch.float32, "delta-bf16": torch.bfloat16}
+_WIRE_DTYPE = {"weights-fp32": torch.float32, "delta-bf16": torch.bfloat16,
+               **{kind: torch.float32 for kind in quantize.KINDS}}   # quantized payloads: as read_update decodes them
 
 
 def check_kind(kind: str) -> str:
@@ -88,6 +94,8 @@ def encode_update(start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Ten
     and `start` no longer holds the start weights (no model-sized allocation; for fp32 `start` tensors).
     """
     check_kind(kind)
+    if kind in QUANTIZED:
+        raise ValueError(f"{kind} is encoded with the site's error feedback: use update_blob(..., feedback=...)")
     _check_names(end, start, "encode_update")
     payload: dict[str, torch.Tensor] = {}
     for name, s in start.items():
@@ -136,34 +144,47 @@ def decode_update(payload: Mapping[str, torch.Tensor], start: Mapping[str, torch
 def payload_bytes(state: Mapping[str, torch.Tensor], kind: str) -> int:
     """Bytes of tensor data a payload of this kind holds for a model shaped like `state`."""
     check_kind(kind)
+    if kind in QUANTIZED:
+        floats = {k: tuple(t.shape) for k, t in state.items() if t.is_floating_point()}
+        return quantize.encoded_bytes(floats, quantize.bits_for_kind(kind)) + \
+            sum(t.numel() * t.element_size() for t in state.values() if not t.is_floating_point())
     return sum(t.numel() * (_WIRE_DTYPE[kind].itemsize if t.is_floating_point() else t.element_size())
                for t in state.values())
 
 
 # ------------------------------------------------------------------ as blobs
-def update_blob(start: Mapping[str, torch.Tensor] | None, end: Mapping[str, torch.Tensor], kind: str) -> TensorBlob:
-    """A site's update as a blob that names its kind. `start`: the round's start weights, consumed (the payload
-    is written into its memory); None only for weights-fp32, which then holds a copy of `end`."""
+def update_blob(start: Mapping[str, torch.Tensor] | None, end: Mapping[str, torch.Tensor], kind: str, *,
+                feedback: quantize.ErrorFeedback | None = None, reuse_start: bool = True) -> TensorBlob:
+    """A site's update as a blob that names its kind. `start`: the round's start weights, consumed with
+    reuse_start (the payload is written into its memory); None only for weights-fp32, which then holds a copy of
+    `end`. A quantized kind needs the site's `feedback` (its residual carries over to the next round)."""
     check_kind(kind)
     if start is None:
         if kind != "weights-fp32":
             raise ValueError(f"a {kind} update needs the round's start weights, which this site did not keep")
         return TensorBlob({k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
                            for k, v in end.items()}, {"payload": kind})
-    return TensorBlob(encode_update(start, end, kind, reuse_start=True), {"payload": kind})
+    if kind in QUANTIZED:
+        if feedback is None or feedback.kind != kind:
+            raise ValueError(f"a {kind} update needs the site's error feedback of that kind")
+        return TensorBlob(feedback.encode(start, end), {"payload": kind})
+    return TensorBlob(encode_update(start, end, kind, reuse_start=reuse_start), {"payload": kind})
 
 
 def read_update(blob: TensorBlob) -> tuple[str, dict[str, torch.Tensor]]:
-    """The kind and tensors of an uploaded update (ValueError for a kind this server does not know)."""
-    kind = blob.metadata.get("payload", "weights-fp32")
-    return check_kind(kind), dict(blob.tensors)
+    """The kind and tensors of an uploaded update (ValueError for a kind this server does not know); a quantized
+    payload comes back decoded, as the fp32 pseudo-gradient it stands for."""
+    kind = check_kind(blob.metadata.get("payload", "weights-fp32"))
+    if kind in QUANTIZED:
+        return kind, quantize.decode_delta(blob.tensors, quantize.bits_for_kind(kind))
+    return kind, dict(blob.tensors)
 
 
 @torch.no_grad()
 def as_delta(payload: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
-    """The pseudo-gradient start - end that a payload stands for: a delta as sent (bf16, averaged in fp32 by
-    the server), or computed in fp32 from the site's weights."""
+    """The pseudo-gradient start - end that a payload stands for: a delta as sent (bf16, or decoded from a
+    quantized kind; averaged in fp32 by the server), or computed in fp32 from the site's weights."""
     check_kind(kind)
-    if kind == "delta-bf16":
+    if kind != "weights-fp32":
         return dict(payload)
     return {k: start[k].float() - w.float() for k, w in payload.items()}

@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 
 import torch
 
+from pilot.dataplane import quantize
 from pilot.dataplane.blob import _DTYPES, HTTP_TIMEOUT_S, BlobError, read_blob
 from pilot.dataplane.store import BlobStore
 
@@ -155,6 +156,30 @@ class UploadLimits:
         header = min(header, MAX_HEADER)
         return cls(tensors, max_bytes=8 + header + data, max_header=header)
 
+    @classmethod
+    def for_quantized(cls, weights: Mapping[str, torch.Tensor], kind: str,
+                      block: int = quantize.DEFAULT_BLOCK) -> UploadLimits:
+        """Uploads in a quantized payload's layout (pilot/dataplane/quantize.py) for a model shaped like `weights`:
+        per floating tensor its codes, block scales and shape, exactly as the codec writes them."""
+        bits = quantize.bits_for_kind(kind)
+        tensors, data, header = {}, 0, METADATA_ROOM
+        for name, tensor in weights.items():
+            if not tensor.is_floating_point():
+                tensors[name] = (tuple(tensor.shape), frozenset({_DTYPES[tensor.dtype]}))
+                data += tensor.numel() * tensor.element_size()
+            else:
+                n = tensor.numel()
+                bs = quantize.block_for(n, bits, block)
+                blocks = -(-n // bs)
+                code = torch.int8 if bits == 8 else torch.uint8
+                tensors[name] = ((blocks, bs * bits // 8), frozenset({_DTYPES[code]}))
+                tensors[name + quantize.SCALE_SUFFIX] = ((blocks,), frozenset({_DTYPES[quantize.SCALE_DTYPE]}))
+                tensors[name + quantize.SHAPE_SUFFIX] = ((tensor.dim(),), frozenset({_DTYPES[torch.int64]}))
+                data += blocks * bs * bits // 8 + blocks * quantize.SCALE_DTYPE.itemsize + 8 * tensor.dim()
+            header += 3 * (len(json.dumps(name)) + 96) + len(json.dumps(list(tensor.shape)))
+        header = min(header, MAX_HEADER)
+        return cls(tensors, max_bytes=8 + header + data, max_header=header)
+
     def check_length(self, length: int) -> None:
         if length > self.max_bytes:
             raise UploadRefused(413, f"upload of {length} bytes is larger than the largest update the model allows "
@@ -190,6 +215,29 @@ class UploadLimits:
 
 
 _TORCH_OF = {code: dtype for dtype, code in _DTYPES.items()}
+
+
+class AnyUploadLimits:
+    """Several allowed layouts (the model's fp32/bf16, a quantized payload's): an upload must fit one of them."""
+
+    def __init__(self, *choices: UploadLimits):
+        self.choices = choices
+        self.max_bytes = max(c.max_bytes for c in choices)
+        self.max_header = max(c.max_header for c in choices)
+
+    def check_length(self, length: int) -> None:
+        if length > self.max_bytes:
+            raise UploadRefused(413, f"upload of {length} bytes is larger than the largest update the model allows "
+                                     f"({self.max_bytes} bytes)")
+
+    def check_header(self, header: Mapping[str, object]) -> None:
+        errors = []
+        for choice in self.choices:
+            try:
+                return choice.check_header(header)
+            except UploadRefused as error:
+                errors.append(error)
+        raise errors[0]
 
 
 class _Replay:

@@ -29,7 +29,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from pilot import coordination, protocol, signing
-from pilot.dataplane.server import BlobServer, RoundTokens, UploadLimits, server_tls
+from pilot.dataplane import payload
+from pilot.dataplane.server import AnyUploadLimits, BlobServer, RoundTokens, UploadLimits, server_tls
 from pilot.dataplane.store import BlobStore
 from pilot.protocol import RESULT_KEY, ROUND_KEY, RoundRequest, RoundResult
 from pilot.provision.run import start_provisioning
@@ -43,6 +44,12 @@ from pilot.settings import Settings
 from pilot.site.process import shutdown_trainer
 
 POLL_S = 0.25               # how often a round looks for replies and energy news
+
+
+def upload_limits(weights: dict, kind: str) -> UploadLimits | AnyUploadLimits:
+    """What an upload may hold: the model's tensors (weights-fp32, delta-bf16), or the run's quantized layout."""
+    plain = UploadLimits.for_weights(weights)
+    return AnyUploadLimits(plain, UploadLimits.for_quantized(weights, kind)) if kind in payload.QUANTIZED else plain
 
 
 class Federation:
@@ -70,7 +77,7 @@ class Federation:
         self.blob_ca, tls = server_tls(dp.certfile, dp.keyfile, dp.cafile)
         self.blob_server = BlobServer(self.store, host=dp.host, port=dp.port, ssl_context=tls,
                                       authorize=self.blob_tokens.authorize,
-                                      upload_limits=UploadLimits.for_weights(self.model.state.weights),
+                                      upload_limits=upload_limits(self.model.state.weights, dp.update_payload),
                                       allow_insecure=dp.allow_insecure).start()
         self.blob_url = dp.url or self.blob_server.url
         self.emit("weights-server", url=self.blob_url, tls=tls is not None)

@@ -66,7 +66,8 @@ from nanochat.trainer import DataExhausted, TrainConfig, Trainer, plan_training
 from pilot import coordination, protocol, signing
 from pilot.dataplane.blob import BlobError, TensorBlob
 from pilot.dataplane.client import fetch_blob, site_tls, upload_blob
-from pilot.dataplane.payload import encode_update, update_blob
+from pilot.dataplane.payload import QUANTIZED, update_blob
+from pilot.dataplane.quantize import ErrorFeedback
 from pilot.protocol import RoundRequest, RoundResult
 from pilot.site.watchers import Heartbeat, MetricsPusher, StopWatcher, log
 
@@ -225,6 +226,7 @@ class SiteTrainer:
         self.boundary_failed = False             # that upload failed: the next round loads the exact weights
         self.inbox_id = ""                       # the inbox entry of the round being trained (its result's receipt)
         self.leased: list[str] = []              # spare shards leased this round (server/ledger.py), in order
+        self.feedback: ErrorFeedback | None = None   # rank 0: quantized payloads' residual (what was not sent)
         self.watcher = StopWatcher(client, run, site, self.trainer) if info.rank == 0 else None
         self.metrics = MetricsPusher(client, run, site) if client is not None else None
 
@@ -263,6 +265,8 @@ class SiteTrainer:
         self.last_digest = ""
         self.round_start = None
         self.anchor, self.carry, self.incoming, self.leased = None, None, None, []
+        if self.feedback is not None:   # its residual was measured against weights this site no longer holds
+            self.feedback.reset()
         self.trainer.model.zero_grad(set_to_none=True)   # a step that raised may have left its gradients
         dropped = drop_nonfinite_moments(self.trainer.optimizers)
         if dropped:
@@ -331,7 +335,16 @@ class SiteTrainer:
         start = self.round_start
         if start is None and request.update_payload == "weights-fp32":
             start = self.trainer.get_weights()
-        return update_blob(start, self.trainer.model.state_dict(), request.update_payload)
+        return update_blob(start, self.trainer.model.state_dict(), request.update_payload,
+                           feedback=self._feedback(request.update_payload))
+
+    def _feedback(self, kind: str) -> ErrorFeedback | None:
+        """The site's error feedback for a quantized payload kind (its residual lives across rounds)."""
+        if kind not in QUANTIZED:
+            return None
+        if self.feedback is None or self.feedback.kind != kind:
+            self.feedback = ErrorFeedback(kind)
+        return self.feedback
 
     def run_round(self, request: RoundRequest) -> RoundResult:
         try:
@@ -527,8 +540,8 @@ class SiteTrainer:
             blob = TensorBlob(self.anchor, {"payload": "weights-fp32"})
         else:
             # D = A - W in the payload's own (smaller) tensors, then A <- W in A's own memory
-            blob = TensorBlob(encode_update(self.anchor, live, request.update_payload),
-                              {"payload": request.update_payload})
+            blob = update_blob(self.anchor, live, request.update_payload, reuse_start=False,
+                               feedback=self._feedback(request.update_payload))
             with torch.no_grad():
                 for name, tensor in live.items():
                     self.anchor[name].copy_(tensor.detach().to(self.anchor[name].device))
