@@ -12,6 +12,7 @@ same --run-id continues the run where it stopped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import signal
@@ -40,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"${coordination.HOME_ENV}/runs/RUN_ID with {coordination.HOME_ENV}=~/.cache/pilot)")
     parser.add_argument("--speedup", type=float, default=1.0,
                         help="simulated seconds per wall second: 1 = live, 3600 = an hour per second, 0 = unpaced")
+    parser.add_argument("--start", default=None,
+                        help="begin at this simulated time instead of the scenario's start (ISO 8601 with time "
+                             "zone, within the scenario), e.g. 2025-08-09T00:00Z: summer days with overlapping windows")
     horizon = parser.add_mutually_exclusive_group()
     horizon.add_argument("--days", type=float, default=None,
                          help="stop after this many simulated days from the scenario start (default: its end)")
@@ -79,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, request_stop)
     try:
         scenario = sites.load_scenario(args.scenario)
+        if args.start is not None:
+            begin = sites.parse_time(args.start, "--start")
+            if not scenario.start <= begin < scenario.end:
+                raise sites.ScenarioError(f"--start {args.start} is outside the scenario: it must lie in "
+                                          f"{scenario.start.isoformat()} .. {scenario.end.isoformat()}")
+            scenario = dataclasses.replace(scenario, start=begin)
         until = until_step(args, scenario)
         client = coordination.connect(args.redis_url, run_dir=args.run_dir)
     except (sites.ScenarioError, coordination.RedisUnavailable) as error:

@@ -89,6 +89,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     except settings.SettingError as error:
         print(f"pilot run: refused: {error}", file=sys.stderr)
         return 2
+    if "gpu" in args.connection and not gpu_present():
+        print(f"pilot run: {args.connection} places each site on a GPU, and this machine has none (torch sees no "
+              f"CUDA device): Flower would fail with 'exit code 700'. Run `pilot run local-simulation` for CPU sites, "
+              f"or see `python bench/gpu_check.py` on a GPU machine.", file=sys.stderr)
+        return 2
     command = ["flwr", "run", str(PROJECT_ROOT), args.connection, *(["--run-config", args.run_config] if args.run_config else []),
                *(["--stream"] if args.stream else [])]
     print("pilot run: run configuration checked; " + shlex.join(command), flush=True)
@@ -116,6 +121,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.connection.startswith("local-simulation"):   # its SuperLink runs Ray and the simulation
         local.stop_local_superlink(Path(env["FLWR_HOME"]))
     return 130
+
+
+def gpu_present() -> bool:
+    import torch  # noqa: PLC0415 - seconds to import: only for the GPU connections
+
+    return torch.cuda.is_available()
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

@@ -77,3 +77,16 @@ def test_pilot_run_refuses_a_bad_run_configuration_before_flower_sees_it():
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and message in done.stderr, (text, done.stderr)
         assert "flwr run" not in done.stdout, "nothing was handed to Flower"
+
+
+def test_pilot_run_on_the_gpu_connection_without_a_gpu_says_what_to_run_instead():
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    done = subprocess.run([sys.executable, "-m", "pilot.cli", "run", "local-simulation-gpu", "--stream"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "this machine has none" in done.stderr and "pilot run local-simulation" in done.stderr

@@ -166,3 +166,15 @@ def test_pilot_plan_offers_a_trace_region_no_site_uses_as_a_baseline(tmp_path):
     typo = run([str(VENV_BIN / "pilot"), "plan", "--trace", str(path), "--sites", "client_0=CAISO_NORHT"], timeout=60)
     assert typo.returncode == 2
     assert "no data for region(s) ['CAISO_NORHT']" in typo.stderr and "CAISO_NORTH" in typo.stderr
+
+
+def test_energy_simulation_start_outside_the_scenario_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT_ROOT, subprocess_env
+
+    done = subprocess.run([sys.executable, "energy_simulation.py", "--start", "2030-01-01T00:00Z", "--days", "1",
+                           "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120,
+                          cwd=PROJECT_ROOT, env=subprocess_env())
+    assert done.returncode == 2 and "--start 2030-01-01T00:00Z is outside the scenario" in done.stderr, done.stderr
