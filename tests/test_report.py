@@ -428,3 +428,21 @@ def test_events_before_the_simulation_clock_start_at_the_scenario_start(tmp_path
     # 300 s training at 1 kW, the other 360 s of the open window idle at 0.2 kW
     assert summary["energy"]["sites"]["a"]["train_kwh"] == pytest.approx(300 / 3600)
     assert summary["energy"]["sites"]["a"]["idle_kwh"] == pytest.approx(0.2 * 360 / 3600)
+
+
+def test_the_page_states_the_modelled_power_and_why_regimes_trail_the_windows(built):
+    """Every kWh has its power on the page (GPUs x kW per GPU, from the scenario), and the regime shading's lag
+    behind the windows is measured from the logs and said in a note."""
+    run, _, summary = built
+    page = (run / "report" / "index.html").read_text()
+    for site, cfg in SITES.items():
+        row = summary["energy"]["sites"][site]
+        assert row["train_kw"] == pytest.approx(cfg["gpus"] * cfg["gpu_train_kw"])
+        assert row["idle_kw"] == pytest.approx(cfg["gpus"] * cfg["gpu_idle_kw"])
+        assert f"{site} {cfg['gpus']} GPUs x {cfg['gpu_train_kw']:.3f} kW training" in page
+    events = [json.loads(line) for line in (run / "logs" / "events.jsonl").read_text().splitlines()]
+    energy = sorted(json.loads(line)["sim_ts"] for line in (run / "logs" / "energy.jsonl").read_text().splitlines())
+    lags = sorted(e["sim_ts"] - max(t for t in energy if t <= e["sim_ts"]) for e in events
+                  if e["kind"] == "regime" and any(t <= e["sim_ts"] for t in energy))
+    assert summary["run"]["regime_lag_sim_s"]["median"] == pytest.approx(lags[len(lags) // 2])
+    assert any("the regime shading is the server's own log" in note for note in summary["notes"])

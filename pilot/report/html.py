@@ -123,6 +123,10 @@ def render_html(summary: dict[str, Any], figures: dict[str, Path | None]) -> str
     parts.append("<h2>Energy, emissions and utilisation</h2>" + img(figures.get("energy"), "energy and emissions"))
     energy, em, util = summary["energy"], summary["emissions"], summary["utilisation"]
     if energy:
+        parts.append("<p>Modelled power (the scenario's sites): " + "; ".join(
+            f"{html.escape(n)} {fmt(r['gpus'])} GPUs x {fmt(r['gpu_train_kw'])} kW training "
+            f"({fmt(r['train_kw'])} kW), x {fmt(r['gpu_idle_kw'])} kW idle ({fmt(r['idle_kw'])} kW)"
+            for n, r in energy["sites"].items()) + ". Energy = that power x the simulated time held.</p>")
         parts.append(table(("site", "GPUs", "training kWh", "idle kWh", "total kWh", "inside windows kWh",
                             "outside windows kWh", "share inside", "kg CO2 (default)", "kg CO2 (MOER)"),
                            [(html.escape(n), fmt(r["gpus"]), fmt(r["train_kwh"]), fmt(r["idle_kwh"]),

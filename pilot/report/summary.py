@@ -174,6 +174,23 @@ def results(logs: RunLogs, site: str | None = None) -> list[dict[str, Any]]:
             and e.get("sim_start") is not None and e.get("sim_end") is not None]
 
 
+def regime_lags(logs: RunLogs) -> list[float]:
+    """Simulated seconds from the last window change (any site) to each regime change the server logged: the
+    server acts on a window change when the round in progress has ended (its sites stop within a step and
+    hand their work in) and the next one is dispatched, so the regime trails the windows by that reaction
+    time, in simulated time (wall seconds x the speed-up)."""
+    changes = sorted(float(e["sim_ts"]) for e in logs.energy or [] if e.get("sim_ts") is not None)
+    lags = []
+    for event in logs.events or []:
+        if event["kind"] != "regime" or event.get("sim_ts") is None:
+            continue
+        t = float(event["sim_ts"])
+        before = [c for c in changes if c <= t]
+        if before:
+            lags.append(t - before[-1])
+    return lags
+
+
 def regime_spans(logs: RunLogs, live: Sequence[Span]) -> list[tuple[float, float, str]]:
     """The federation's regime over simulated time: each regime event holds until the next one (or the
     end of its live span)."""
@@ -338,8 +355,12 @@ def energy_and_emissions(logs: RunLogs, sites: Sequence[str], windows: dict[str,
     keys = ("train_kwh", "idle_kwh", "energy_kwh", "in_windows_kwh", "outside_windows_kwh", "share_in_windows")
     for name, row in acc["sites"].items():
         row = dict(row, outside_windows_kwh=row["energy_kwh"] - row["in_windows_kwh"])
-        energy["sites"][name] = {k: row[k] for k in keys} | {"train_hours": row["train_hours"],
-                                                             "gpus": configured[name].gpus}
+        site = configured[name]
+        energy["sites"][name] = {k: row[k] for k in keys} | {
+            "train_hours": row["train_hours"], "gpus": site.gpus,
+            # the modelled power behind the kWh (the scenario's sites): GPUs x kW per GPU, training and idle
+            "gpu_train_kw": site.gpu_train_kw, "gpu_idle_kw": site.gpu_idle_kw,
+            "train_kw": site.gpus * site.gpu_train_kw, "idle_kw": site.gpus * site.gpu_idle_kw}
     total = acc["total"]
     energy["total"] = {k: total[k] for k in keys if k in total} | {
         "outside_windows_kwh": total["energy_kwh"] - total["in_windows_kwh"],
@@ -414,6 +435,14 @@ def summarize(logs: RunLogs, intensity: float = DEFAULT_INTENSITY_KG_PER_KWH) ->
         "live_sim_s": length(live), "incarnations": sum(1 for e in events if e["kind"] in ("start", "resume")),
         "regime_sim_s": {r: float(sum(e - s for s, e, g in regimes if g == r)) for r in REGIMES},
     }
+    lags = sorted(regime_lags(logs))
+    if lags:
+        median = lags[len(lags) // 2]
+        run["regime_lag_sim_s"] = {"median": median, "max": lags[-1], "count": len(lags)}
+        wall = f" ({median / speedup:.1f} s of wall time at x{speedup:g})" if speedup else ""
+        notes.append(f"the regime shading is the server's own log: it follows a window change once the round in "
+                     f"progress has ended and the next one is dispatched, a median {median / 60:.1f} simulated "
+                     f"minutes later{wall}; the windows themselves are drawn where the energy simulation put them")
     # -------- baseline
     base_series = baseline_series(logs)
     baseline: dict[str, Any] | None = None
