@@ -67,6 +67,10 @@ class TrainConfig:
     seed: int = 42
     compile: str = "auto"           # auto: on CUDA only; on; off
     data_sharding: str = "documents"  # documents: each rank reads its own documents; rows: see RowShardedBatches
+    # BENCHMARKS ONLY (bench/utilisation.py; run setting emulate-step-s): > 0 makes every optimizer step an
+    # emulated GPU step of exactly this many seconds: no forward/backward, no optimizer (none is built), the data
+    # loader still advances one step's batch, every floating-point weight still changes (Trainer._emulated_step)
+    emulate_step_s: float = 0.0
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -74,6 +78,12 @@ class TrainConfig:
 
 
 AUTOCAST_DTYPE = torch.bfloat16
+# BENCHMARKS ONLY: an emulated step adds EMULATE_DELTA x (1 + step % 3) to one EMULATE_SLICES-th of every
+# floating-point tensor (slice step % EMULATE_SLICES): every tensor changes at every step, every weight within
+# EMULATE_SLICES steps, at 1/EMULATE_SLICES of the memory traffic of touching all of it (a d20 model is 2.24 GB:
+# touching all of it costs ~0.35 s of one CPU core, most of a 0.48 s step)
+EMULATE_DELTA = 1e-6
+EMULATE_SLICES = 8
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # bf16 dense
 
 
@@ -138,6 +148,8 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> GPTConfig:
         raise ValueError(f"--compile must be auto, on or off, got {cfg.compile!r}")
     if cfg.data_sharding not in ("documents", "rows"):
         raise ValueError(f"--data_sharding must be documents or rows, got {cfg.data_sharding!r}")
+    if not (math.isfinite(cfg.emulate_step_s) and cfg.emulate_step_s >= 0):
+        raise ValueError(f"emulate_step_s must be >= 0 (0: real training), got {cfg.emulate_step_s}")
     return model_config
 
 
@@ -303,11 +315,15 @@ class Trainer:
         if dist.is_available() and dist.is_initialized():
             for p in model.parameters():   # identical start on every rank, whatever the init kernels did
                 dist.broadcast(p.data, 0)
-        return cls(cfg=cfg, plan=plan, dist_info=dist_info, model=model,
-                   optimizers=build_optimizers(model, cfg, plan.world_size), train_batches=train_batches)
+        # an emulated GPU step (benchmarks only) runs no optimizer: none is built (no optimizer state in memory)
+        optimizers = {} if cfg.emulate_step_s > 0 else build_optimizers(model, cfg, plan.world_size)
+        return cls(cfg=cfg, plan=plan, dist_info=dist_info, model=model, optimizers=optimizers,
+                   train_batches=train_batches)
 
     def __post_init__(self):
+        self._emulated_touch_s = 0.0   # benchmarks only: seconds the last emulated step spent changing the weights
         use_compile = self.cfg.compile == "on" or (self.cfg.compile == "auto" and self.device.type == "cuda")
+        use_compile = use_compile and self.cfg.emulate_step_s <= 0   # an emulated step runs no forward
         self.forward_model = torch.compile(self.model, dynamic=False) if use_compile else self.model
 
     # -------------------------------------------------------------- small helpers
@@ -349,6 +365,8 @@ class Trainer:
         """
         if self.train_batches is None:
             raise RuntimeError("Trainer.step: no train_batches set")
+        if self.cfg.emulate_step_s > 0:
+            return self._emulated_step()
         t0 = time.perf_counter()
         lrm = self.lr_multiplier()
         momentum = muon_momentum(self.step_count, self.cfg.muon_momentum_start, self.cfg.muon_momentum_end,
@@ -400,6 +418,62 @@ class Trainer:
         return StepResult(step=self.step_count, loss=loss_value, lr_multiplier=lrm, tokens=self.tokens_trained,
                           dt=dt, tokens_per_sec=self.plan.total_batch_size / dt, stop=any_stop > 0,
                           grad_norm=None if grad_norm is None else float(grad_norm))
+
+    @torch.no_grad()
+    def _emulated_step(self) -> StepResult:
+        """BENCHMARKS ONLY (cfg.emulate_step_s > 0): a stand-in for a GPU step that takes exactly emulate_step_s.
+
+        What stays real: the data loader advances by one optimizer step's batch (every micro-step of every rank,
+        so cursors and the ledger's accounting are those of a real step); the one all-reduce of (loss, "a rank ran
+        out of data", "stop requested") happens at the same place relative to the update as in a real step, so
+        stops and exhaustion behave as they do in training; the schedule's clock and the token count advance.
+        What is emulated: no forward/backward, no optimizer; instead every floating-point tensor gets a tiny
+        step-dependent constant added to one slice of it (EMULATE_SLICES), so every round's update is a real,
+        non-zero payload. The loss reported is 0.0 (a label, not a measurement). The step sleeps what remains of
+        emulate_step_s: the stop flag is read when the step's remaining work is what the weight change costs,
+        as a real step reads it before its optimizer step.
+        """
+        target = self.cfg.emulate_step_s
+        t0 = time.perf_counter()
+        lrm = self.lr_multiplier()
+        exhausted = False
+        for _ in range(self.plan.grad_accum_steps):
+            try:
+                next(self.train_batches)
+            except StopIteration:
+                exhausted = True
+                break
+        # the "compute": wait until only the weight change is left of the step
+        remaining = target - self._emulated_touch_s - (time.perf_counter() - t0)
+        if remaining > 0:
+            time.sleep(remaining)
+        flags = torch.tensor([0.0, float(exhausted), float(self.stop_event.is_set())], device=self.device)
+        if self.distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+        _, any_exhausted, any_stop = flags.tolist()
+        if any_exhausted:
+            raise DataExhausted(f"training data ran out during step {self.step_count + 1}")
+        t_touch = time.perf_counter()
+        delta = EMULATE_DELTA * (1 + self.step_count % 3)
+        part = self.step_count % EMULATE_SLICES
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                flat = p.data.view(-1)
+                size = -(-flat.numel() // EMULATE_SLICES)
+                chunk = flat[part * size:(part + 1) * size]
+                # a tensor with fewer elements than slices: its first element where its slice is empty
+                (chunk if chunk.numel() else flat[:1]).add_(delta)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self._emulated_touch_s = time.perf_counter() - t_touch
+        remaining = target - (time.perf_counter() - t0)
+        if remaining > 0:
+            time.sleep(remaining)
+        self.step_count += 1
+        self.tokens_trained += self.plan.total_batch_size
+        dt = time.perf_counter() - t0
+        return StepResult(step=self.step_count, loss=0.0, lr_multiplier=lrm, tokens=self.tokens_trained, dt=dt,
+                          tokens_per_sec=self.plan.total_batch_size / dt, stop=any_stop > 0)
 
     def _clipped_step(self, max_norm: float) -> torch.Tensor:
         """Every optimizer's step with the gradient scaled to global norm <= max_norm; returns the norm before.

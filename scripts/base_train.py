@@ -99,7 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{k: getattr(args, k) for k in TrainConfig.field_names()})
+    # fields without a flag here (emulate_step_s: the system benchmarks only) keep their defaults
+    return TrainConfig(**{k: getattr(args, k) for k in TrainConfig.field_names() if hasattr(args, k)})
 
 
 def fail(message: str) -> int:
