@@ -100,3 +100,21 @@ def cleanup_distributed() -> None:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def all_gather_json(obj: object, device: torch.device | str = "cpu") -> list:
+    """Every rank's `obj` (JSON-serialisable), in rank order: JSON bytes in tensors, so nothing is unpickled
+    (torch's all_gather_object pickles). `device`: where the collective's tensors live (the rank's GPU under
+    NCCL, the CPU under gloo)."""
+    import json  # noqa: PLC0415
+
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(device)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    longest = int(max(int(s.item()) for s in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    gathered = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return [json.loads(bytes(g[: int(s.item())].cpu().numpy()).decode()) for g, s in zip(gathered, sizes, strict=True)]

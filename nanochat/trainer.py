@@ -30,7 +30,7 @@ import torch.distributed as dist
 from nanochat import checkpoint as ckpt
 from nanochat.adamw import AdamW, DistAdamW
 from nanochat.common import print0
-from nanochat.distributed import DistInfo
+from nanochat.distributed import DistInfo, all_gather_json
 from nanochat.gpt import GPT, GPTConfig, build_model, config_from_depth, count_params
 from nanochat.muon import DistMuon, Muon
 
@@ -550,8 +550,8 @@ class Trainer:
         mine = self.train_batches.state_dict() if hasattr(self.train_batches, "state_dict") else None
         if not self.distributed:
             return None if mine is None else [mine]
-        everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
+        device = self.device if dist.get_backend() == "nccl" else "cpu"
+        everyone = all_gather_json(mine, device)   # JSON, never pickle, between ranks
         return None if any(c is None for c in everyone) else everyone
 
     def save_checkpoint(self, checkpoint_dir: Path | str, keep: int | None = None,
