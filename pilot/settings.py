@@ -156,7 +156,7 @@ RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 CHOICES = {  # string settings with a fixed set of values
     "curtailment": ("energy", "always"), "round-mode": ("sync", "overlap"),
     "update-payload": ("delta-bf16", "weights-fp32", "delta-int8", "delta-int4", "delta-int2"), "outer-optimizer": ("none", "nesterov"),
-    "site-device": ("auto", "cuda", "cpu"), "provisioner": ("none", "local", "kubernetes"),
+    "site-device": ("auto", "cuda", "cpu"),   # provisioner: checked where it is built (provision/run.py)
     "wandb-mode": ("", "offline", "online", "disabled"),
 }
 
