@@ -61,6 +61,13 @@ def _hide(step_dir: Path) -> Path:
     return hidden
 
 
+def delete_dir_atomically(path: Path) -> None:
+    """Remove a checkpoint directory so that a reader never meets it half deleted: renamed out of sight in one
+    step, then deleted (a deletion cut short leaves only a hidden leftover, pruned later)."""
+    if path.exists():
+        shutil.rmtree(_hide(path), ignore_errors=True)
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 

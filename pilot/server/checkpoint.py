@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from nanochat.checkpoint import prune_leftovers, write_dir_atomically, write_file_atomically
+from nanochat.checkpoint import (
+    delete_dir_atomically,
+    prune_leftovers,
+    write_dir_atomically,
+    write_file_atomically,
+)
 from pilot.dataplane.blob import load_tensors, save_file
 
 KEEP_CHECKPOINTS = 2  # older complete checkpoints are deleted once a newer one is LATEST
@@ -63,7 +67,7 @@ def save(run_dir: str | os.PathLike[str], state: GlobalState, keep: int = KEEP_C
     # prune older checkpoints (by time written), never the one LATEST names
     older = sorted((p for p in complete(root) if p.name != name), key=lambda p: p.stat().st_mtime)
     for old in older[: max(0, len(older) - (keep - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+        delete_dir_atomically(old)   # hidden first: a kill mid-delete never leaves a checkpoint without weights
     return final
 
 
