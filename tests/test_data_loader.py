@@ -172,7 +172,7 @@ def test_dropped_loaders_stop_their_threads(tiny_tokenizer: Path, small_shards: 
     deadline = time.monotonic() + 5
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert threading.active_count() == before
+    assert threading.active_count() <= before   # threads of earlier tests may end meanwhile; none of ours is left
 
 
 # ----------------------------------------------------------------------------- bits per byte
