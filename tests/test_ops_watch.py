@@ -65,3 +65,14 @@ def test_an_empty_run_shows_dashes_not_errors(redis_client):
     snap = watch.snapshot(redis_client, "nothing-yet")
     assert (snap.regime, snap.round, snap.sites, snap.sim_time) == ("-", 0, [], None)
     Console(file=io.StringIO()).print(watch.render(snap))
+
+
+def test_watching_a_run_that_is_not_running_here_is_an_error(tmp_path):
+    """`pilot watch` on an unknown run says so and where it looked, instead of starting a Redis to show nothing."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pilot.cli", "watch", "nosuchrun", "--run-dir", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "no run 'nosuchrun' is running here" in done.stderr, done.stderr
+    assert not (tmp_path / "r" / "redis").exists(), "no Redis was started for it"

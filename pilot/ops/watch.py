@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import redis
 from rich.console import Group
@@ -24,6 +26,7 @@ from rich.text import Text
 
 from pilot import coordination, protocol
 from pilot.energy.events import EnergyEvents
+from pilot.ops.stop import NoSuchRun, run_client
 
 RECENT_EVENTS = 6
 QUIET_KINDS = {"energy", "site-result"}   # frequent, and visible in the site table anyway
@@ -168,8 +171,14 @@ def main(argv: list[str] | None = None) -> int:
                                                           "embedded server)")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between refreshes")
     args = parser.parse_args(argv)
-    run_dir = args.run_dir or coordination.default_run_dir(args.run_id)
-    r = coordination.connect(args.redis_url, run_dir=run_dir)
+    if not args.interval > 0:
+        parser.error(f"--interval must be a number of seconds > 0, got {args.interval:g}")
+    run_dir = Path(args.run_dir) if args.run_dir else coordination.default_run_dir(args.run_id)
+    try:   # never starts a Redis: a run that is not running here is an error, not an empty view
+        r, _ = run_client(args.run_id, run_dir, args.redis_url or "")
+    except NoSuchRun as error:
+        print(f"pilot watch: {error}", file=sys.stderr)
+        return 2
     try:
         with Live(render(snapshot(r, args.run_id)), refresh_per_second=4) as live:
             while True:
@@ -181,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        coordination.release(r, run_dir)
+        r.close()
     return 0
 
 
