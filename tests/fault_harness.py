@@ -210,3 +210,15 @@ gpu_idle_kw = 0.1
 moer_trace = "moer.csv"
 """)
     return tmp / "scenario.toml"
+
+
+def outbox_result(r, run: str, site: str, round_number: int, timeout: float = 120) -> RoundResult:
+    """The site's result for `round_number`, read from its outbox as the server would (AssertionError after timeout)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for _, fields in r.xrevrange(protocol.outbox_key(run, site), count=1):
+            result = RoundResult.from_json(fields["result"])
+            if result.round == round_number:
+                return result
+        time.sleep(0.05)
+    raise AssertionError(f"no result for round {round_number}")

@@ -23,19 +23,13 @@ from pilot.dataplane.store import BlobStore
 from pilot.energy.events import site_key
 from pilot.protocol import RoundRequest, RoundResult
 from tests.conftest import subprocess_env
+from tests.fault_harness import outbox_result
 
 RUN, SITE = "overlap-test", "client_0"
 
 
-def wait_result(r, round_number: int, timeout: float = 90) -> RoundResult:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for _, fields in r.xrevrange(protocol.outbox_key(RUN, SITE), count=1):
-            result = RoundResult.from_json(fields["result"])
-            if result.round == round_number:
-                return result
-        time.sleep(0.02)
-    raise AssertionError(f"no result for round {round_number}")
+def wait_result(r, round_number: int) -> RoundResult:
+    return outbox_result(r, RUN, SITE, round_number)
 
 
 def steps_of(r) -> list[dict]:

@@ -24,19 +24,13 @@ from pilot.protocol import RoundRequest, RoundResult
 from pilot.server.ledger import Assignment, Ledger
 from pilot.server.training import shards_trained
 from tests.conftest import subprocess_env
+from tests.fault_harness import outbox_result
 
 RUN, SITE = "spares-test", "client_0"
 
 
-def wait_result(r, round_number: int, timeout: float = 120) -> RoundResult:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for _, fields in r.xrevrange(protocol.outbox_key(RUN, SITE), count=1):
-            result = RoundResult.from_json(fields["result"])
-            if result.round == round_number:
-                return result
-        time.sleep(0.05)
-    raise AssertionError(f"no result for round {round_number}")
+def wait_result(r, round_number: int) -> RoundResult:
+    return outbox_result(r, RUN, SITE, round_number)
 
 
 def test_a_site_leases_its_next_shard_mid_round_and_the_ledger_accounts_every_row(tmp_path, text_shards,

@@ -1,7 +1,7 @@
 """`pilot report RUN_DIR` (python -m pilot.report): read the run's logs, summarise, draw, write the page.
 
     pilot report runs/demo                  # writes runs/demo/report/index.html
-    pilot report RUN_DIR --out /tmp/r --png # also a screenshot of the page (headless Chromium)
+    pilot report RUN_DIR --out OUT_DIR --png # also a screenshot of the page (headless Chromium)
 """
 
 from __future__ import annotations

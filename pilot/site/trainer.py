@@ -609,10 +609,7 @@ class SiteTrainer:
         carry.tokens += self.trainer.plan.total_batch_size
         carry.loss_sum += result.loss
         carry.training_s += result.dt
-        if self.metrics is not None:
-            self.metrics.push(round=next_round, step=self.steps_total, loss=f"{result.loss:.6f}",
-                              tokens=self.trainer.plan.total_batch_size, seconds=f"{result.dt:.6f}",
-                              wall_ts=f"{time.time():.3f}")
+        self._push_metrics(next_round, result)
         if result.stop:
             carry.cap = carry.steps   # the watcher saw a closed window or a stale signal: no more carried steps
 
