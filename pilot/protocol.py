@@ -62,6 +62,9 @@ HEARTBEAT_S = 2.0
 ORPHAN_TIMEOUT_ENV = "PILOT_ORPHAN_TIMEOUT_S"
 ORPHAN_TIMEOUT_S = 900.0  # a site trainer with no live server for this long exits (a restarted server within
                           # that time finds it alive, with its optimizer state)
+ROUND_ORPHAN_S = 60.0     # a round whose server has been silent this long ends (at most ORPHAN_TIMEOUT_S): its
+                          # result goes to the outbox, where that server, back from a pause, still finds it;
+                          # a dead server's round costs at most this much of a window
 
 
 def train_config_key(run: str) -> str:
@@ -142,6 +145,7 @@ class RoundRequest:
     blob_ca: str = ""              # PEM of the CA the weights server's TLS certificate chains to ("" = plain HTTP)
     round_mode: str = "sync"       # "overlap": hand the update in and train on while it travels (pilot/site/trainer.py)
     site: str = ""                 # the site it is for ("" = not said): a signed request cannot serve another site
+    round_steps: int = 0           # hand in after this many steps (round-steps; 0: when the round is stopped)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

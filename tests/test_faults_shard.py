@@ -26,9 +26,11 @@ def test_a_missing_shard_is_an_error_naming_it_and_the_shard_stays_undone(redis_
         assert f"{shards[1]}: missing" in result.reason and result.extra["shard"] == shards[1], result.reason
         assert site.steps(1) == []                        # not one step on the round's data
 
-        # what GlobalModel.aggregate does with a result that is not ok: release, never finish
+        # what GlobalModel.aggregate does with a result that is not ok: mark the file it names, release, never finish
+        ledger.mark_unreadable(result.extra["shard"], SITE)
         assert ledger.release(SITE) == sorted(shards)
         records = ledger.records()
+        assert records[shards[1]].unreadable_at == [SITE] and records[shards[0]].unreadable_at == []
         assert not any(r.done for r in records.values()) and all(r.owner is None for r in records.values())
         assert not ledger.exhausted()
 

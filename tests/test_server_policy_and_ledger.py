@@ -76,3 +76,23 @@ def test_ledger_is_exhausted_when_every_shard_is_done(redis_client):
     ledger.finish(a.shards)
     assert ledger.exhausted()
     assert ledger.assign("client_0", world_size=1).shards == []
+
+
+def test_a_shard_a_site_cannot_read_goes_to_the_back_of_that_sites_queue(redis_client):
+    ledger = Ledger(redis_client, "run-unreadable")
+    shards = [f"shard_{i:05d}.parquet" for i in range(5)]
+    ledger.init(shards)
+    assert ledger.assign("a", world_size=1).shards == shards[:2]
+    # a's round failed on shard 1 (the server's path for a failed result naming a file)
+    ledger.mark_unreadable(shards[1], "a")
+    ledger.release("a")
+    assert ledger.assign("a", world_size=1).shards == [shards[0], shards[2]], "a trains other shards first"
+    assert ledger.reserve_spares("a", [shards[0], shards[2]]) == [shards[3], shards[4]], "nor is it a's spare"
+    assert ledger.assign("b", world_size=1).shards == [shards[1]], "another site takes it as usual"
+    ledger.release("b")
+    ledger.finish([shards[0], shards[2], shards[3], shards[4]])
+    ledger.release("a")
+    assert ledger.assign("a", world_size=1).shards == [shards[1]], "retried when nothing else is left"
+    ledger.commit("a", [shards[1]], [{"file": shards[1], "row": 3, "offset": 0}], world_size=1)
+    assert ledger.records()[shards[1]].unreadable_at == [], "read after all: the mark is gone"
+    assert not ledger.exhausted()

@@ -69,3 +69,55 @@ def test_wandb_offline_gets_the_figures(tmp_path, redis_client, monkeypatch):
     log.close()
     offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1 and list(offline_runs[0].glob("*.wandb")), "wandb wrote no offline run"
+
+
+def test_a_superseded_server_records_nothing_and_writes_no_checkpoint(tmp_path, redis_client):
+    """Two incarnations of one run's server: once the second claims the run, the first's events, heartbeat and
+    checkpoint never land (a ServerApp that outlives its SuperLink finishing its close())."""
+    from pilot.server.incarnation import Incarnation
+    from pilot.server.runlog import ServerEvents
+    from pilot.server.training import AfterRound
+
+    run = "superseded"
+    first = Incarnation(redis_client, run)
+    first_log = RunLog(tmp_path, run, redis_client, sim_time=lambda wall: None)
+    first_events = ServerEvents(redis_client, run, first_log, lambda wall: None, first)
+    first_events("round-end", round=3)
+    assert redis_client.get(protocol.server_alive_key(run)) == first.id
+
+    second = Incarnation(redis_client, run)
+    assert (first.current(), second.current()) == (False, True)
+    first_events("round-end", round=4)          # the old server's late after-round worker
+    ServerEvents(redis_client, run, first_log, lambda wall: None, second)("resume", detail="round 3")
+    stream = [fields for _, fields in redis_client.xrange(protocol.server_events_key(run))]
+    assert [(e["kind"], e["server"]) for e in stream] == [("round-end", first.id), ("resume", second.id)]
+    first_log.close()
+    on_disk = [json.loads(line) for line in (tmp_path / "logs" / "events.jsonl").read_text().splitlines()]
+    assert [(e["kind"], e["server"]) for e in on_disk] == [("round-end", first.id), ("resume", second.id)]
+
+    saved = []
+
+    class Model:   # the worker's collaborator: evaluation and the checkpoint writer
+        def evaluate(self, weights):
+            return 1.5
+
+        def save(self, state, val_bpb):
+            saved.append(state.round)
+            return tmp_path / f"round_{state.round}"
+
+    class State:
+        round, weights = 4, {}
+
+    worker = AfterRound(Model(), on_done=lambda *a: None, on_error=lambda *a: None, still_current=first.current)
+    worker.submit(State(), evaluate=True)
+    worker.drain()
+    assert saved == []
+    worker = AfterRound(Model(), lambda *a: None, lambda *a: None, still_current=second.current)
+    worker.submit(State(), evaluate=True)
+    worker.drain()
+    assert saved == [4]
+    redis_client.set(protocol.server_alive_key(run), second.id)
+    first.end()                                  # the old server's close() leaves the new heartbeat alone
+    assert redis_client.get(protocol.server_alive_key(run)) == second.id
+    second.end()
+    assert redis_client.get(protocol.server_alive_key(run)) is None

@@ -9,7 +9,12 @@ One Redis hash per run, `pilot:{run}:ledger`, field = shard file name, value = J
 
     {"owner": "client_0" | null, "done": false,
      "cursors": [{"file": ..., "row": 118, "offset": 37}, ...] | null,    # one per rank of the owner
-     "world_size": 2}
+     "world_size": 2, "unreadable_at": ["client_1"]}
+
+A shard a site could not read (its file missing or corrupt there: the site names it in a failed result) is
+marked unreadable at that site and goes to the back of that site's queue: the site trains every other shard
+first and retries it only when nothing else is left (the file may be back by then); other sites take it as
+usual, and the mark is cleared when the site commits progress on it.
 
 Cursors are the data loader's (nanochat/dataloader.py): in its file, rank r has finished its rows before
 `row` (rows r, r + world_size, ...), and `offset` tokens of that row. The ranks of a site may stand in different
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
@@ -46,6 +51,7 @@ class ShardRecord:
     done: bool = False
     cursors: list[dict] | None = None
     world_size: int = 1
+    unreadable_at: list[str] = field(default_factory=list)   # sites that could not read its file
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -90,8 +96,9 @@ class Ledger:
         held.sort(key=lambda n: records[n].cursors is None)
         held = held[:max(per_site, 1)] if len(held) > per_site else held   # its spares wait in the spare list
         free = [n for n, r in records.items() if r.owner is None and not r.done]
-        # a partly trained free shard first: someone's unfinished work is picked up before new shards
-        free.sort(key=lambda n: records[n].cursors is None)
+        # a partly trained free shard first: someone's unfinished work is picked up before new shards; a shard
+        # this site could not read last: retried only when nothing else is left
+        free.sort(key=lambda n: (site in records[n].unreadable_at, records[n].cursors is None))
         changed = {}
         while len(held) < per_site and free:
             name = free.pop(0)
@@ -127,6 +134,7 @@ class Ledger:
                 rec.done, rec.cursors = True, None
             else:
                 continue
+            rec.unreadable_at = [s for s in rec.unreadable_at if s != site]   # it read the file after all
             changed[name] = rec
         self._put(changed)
 
@@ -135,7 +143,8 @@ class Ledger:
         become its own); the list its spare key holds until the next round."""
         records = self.records()
         mine = [n for n, r in records.items() if r.owner == site and not r.done and n not in held]
-        free = [n for n, r in records.items() if r.owner is None and not r.done and r.cursors is None]
+        free = [n for n, r in records.items()
+                if r.owner is None and not r.done and r.cursors is None and site not in r.unreadable_at]
         changed = {}
         while len(mine) < per_site and free:
             name = free.pop(0)
@@ -156,6 +165,14 @@ class Ledger:
         for rec in changed.values():
             rec.done, rec.cursors = True, None
         self._put(changed)
+
+    def mark_unreadable(self, shard: str, site: str) -> None:
+        """The site could not read this shard's file: the shard goes to the back of that site's queue."""
+        records = self.records()
+        rec = records.get(shard)
+        if rec is not None and site not in rec.unreadable_at:
+            rec.unreadable_at.append(site)
+            self._put({shard: rec})
 
     def release(self, site: str) -> list[str]:
         """The site is gone: its unfinished shards become free, resuming from their committed cursors."""

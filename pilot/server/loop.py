@@ -16,8 +16,6 @@ Every decision goes to the event sink (runlog.ServerEvents): the console, the ru
 
 from __future__ import annotations
 
-import secrets
-import threading
 import time
 from logging import WARNING
 from pathlib import Path
@@ -36,6 +34,7 @@ from pilot.protocol import RESULT_KEY, ROUND_KEY, RoundRequest, RoundResult
 from pilot.provision.run import start_provisioning
 from pilot.server import policy
 from pilot.server.clock import EnergyClock
+from pilot.server.incarnation import Incarnation
 from pilot.server.ledger import SHARDS_PER_SITE, SPARES_PER_SITE
 from pilot.server.roster import Roster
 from pilot.server.runlog import RunLog, ServerEvents
@@ -61,10 +60,13 @@ class Federation:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.redis_url = coordination.resolve_url(run.redis_url, run_dir=self.run_dir)
         self.r = coordination.connect(self.redis_url)
+        # claim the run before reading its checkpoint: an earlier incarnation still alive writes nothing after this
+        self.incarnation = Incarnation(self.r, self.run_id)
+        self.server_id = self.incarnation.id
         self.runlog = RunLog(self.run_dir, self.run_id, self.r, lambda wall_ts: self.clock.time_at(wall_ts),
                              wandb_mode=run.wandb_mode)
         self.clock = EnergyClock(self.r, self.run_id, settings.rounds.curtailment, self.runlog)
-        self.emit = ServerEvents(self.r, self.run_id, self.runlog, self.clock.time_at)
+        self.emit = ServerEvents(self.r, self.run_id, self.runlog, self.clock.time_at, self.incarnation)
         self.clock.on_event = self.emit
         self.model = GlobalModel(self.r, self.run_id, self.run_dir, settings.model, settings.rounds,
                                  settings.sites.nproc, self.emit, emulate_step_s=settings.sites.emulate_step_s)
@@ -83,7 +85,8 @@ class Federation:
         self.emit("weights-server", url=self.blob_url, tls=tls is not None)
         self.roster = Roster(grid, self.site_record, settings.rounds.handshake_timeout, self.emit)
         self.round_end: dict[int, dict] = {}   # round -> its round-end fields, until its checkpoint is written
-        self.after_round = AfterRound(self.model, self._round_saved, self._round_save_failed)
+        self.after_round = AfterRound(self.model, self._round_saved, self._round_save_failed,
+                                      still_current=self.incarnation.current)
         self.regime = ""
         self._take_over()
         # sites' compute follows their windows (none: SuperNodes are started by hand); its own thread
@@ -92,25 +95,13 @@ class Federation:
                                                on_event=lambda kind, fields: self.emit(kind, **fields))
 
     def _take_over(self) -> None:
-        """Become the run's server: sites still working for an earlier incarnation stop, and rounds after
-        the checkpoint (started by a server that died before checkpointing them) may be run again."""
-        self.server_id = secrets.token_hex(6)
-        self.r.set(protocol.server_current_key(self.run_id), self.server_id)
+        """Become the run's server (claimed in __init__): sites still working for an earlier incarnation stop,
+        and rounds after the checkpoint (started by a server that died before checkpointing them) may be run again."""
         self.r.delete(protocol.server_stop_key(self.run_id))   # an earlier `pilot stop` ended an earlier start
-        self._alive = threading.Event()
-        threading.Thread(target=self._heartbeat, name="server-heartbeat", daemon=True).start()
         stale = [k for k in self.r.scan_iter(match=coordination.key(self.run_id, "round", "*", "stop"))
                  if int(k.split(":")[-2]) > self.model.state.round]
         if stale:
             self.r.delete(*stale)
-
-    def _heartbeat(self) -> None:
-        while not self._alive.is_set():
-            try:
-                self.r.set(protocol.server_alive_key(self.run_id), self.server_id, ex=protocol.ALIVE_TTL_S)
-            except redis.RedisError as error:
-                log(WARNING, "pilot: heartbeat: %s", error)
-            self._alive.wait(protocol.HEARTBEAT_S)
 
     def site_record(self) -> ConfigRecord:
         """What a site needs to start its trainer: the run, its directory and Redis, processes, device."""
@@ -139,6 +130,9 @@ class Federation:
                                          operator_stop=self.operator_stop())
             if outcome is not None:
                 break
+            if not self.incarnation.current():
+                log(WARNING, "pilot: a later server took this run over: this one stops (no final model)")
+                return
             self.roster.discover()
             training = self.training_now()
             regime = policy.regime(training)
@@ -313,10 +307,10 @@ class Federation:
         self.after_round.drain()
         if self.provisioning is not None:
             self.provisioning.close()
-        for site in self.roster.seen_sites:
-            shutdown_trainer(self.r, self.run_id, site)
+        if self.incarnation.current():   # a later server's trainers are not this one's to shut down
+            for site in self.roster.seen_sites:
+                shutdown_trainer(self.r, self.run_id, site)
         self.blob_server.stop()
-        self._alive.set()
-        self.r.delete(protocol.server_alive_key(self.run_id))
+        self.incarnation.end()
         self.runlog.close()
         coordination.release(self.r, self.run_dir)  # the embedded Redis stops when its last user lets go

@@ -34,6 +34,7 @@ import redis
 
 from pilot import protocol
 from pilot.coordination import key
+from pilot.server.incarnation import Incarnation
 
 LOG_DIR = "logs"
 
@@ -186,10 +187,14 @@ def _stream_value(value: object) -> str:
 
 class ServerEvents:
     """The server's event sink, passed to every part of the round engine: one line on the console, one entry
-    in the run's server event stream (pilot:{run}:server:events), one in RUN_DIR/logs/events.jsonl."""
+    in the run's server event stream (pilot:{run}:server:events), one in RUN_DIR/logs/events.jsonl. Every
+    event names the incarnation that wrote it ("server"); a superseded incarnation (a later ServerApp claimed the
+    run) writes to the console only, never into the run's record."""
 
-    def __init__(self, client: redis.Redis, run_id: str, runlog: RunLog, sim_time_at: Callable[[float], float | None]):
+    def __init__(self, client: redis.Redis, run_id: str, runlog: RunLog, sim_time_at: Callable[[float], float | None],
+                 incarnation: Incarnation):
         self.r, self.run_id, self.runlog, self.sim_time_at = client, run_id, runlog, sim_time_at
+        self.incarnation = incarnation
         self._lock = threading.Lock()   # the loop, the after-round worker and provisioning all emit: one order
 
     def __call__(self, kind: str, **fields: object) -> None:
@@ -199,11 +204,14 @@ class ServerEvents:
     def _emit(self, kind: str, fields: dict[str, object]) -> None:
         from flwr.common.logger import log  # Flower's logger: the ServerApp's console
 
+        if not self.incarnation.current():
+            log(WARNING, "pilot: superseded by a later server, not recorded: %s %s", kind, fields)
+            return
         wall_ts = time.time()
         sim_ts = self.sim_time_at(wall_ts)
-        self.runlog.event(kind, wall_ts, sim_ts, fields)
+        self.runlog.event(kind, wall_ts, sim_ts, {**fields, "server": self.incarnation.id})
         entry = {"kind": kind, "wall_ts": f"{wall_ts:.3f}", "sim_ts": _stream_value(sim_ts),
-                 **{k: _stream_value(v) for k, v in fields.items()}}
+                 "server": self.incarnation.id, **{k: _stream_value(v) for k, v in fields.items()}}
         try:
             self.r.xadd(protocol.server_events_key(self.run_id), entry)
         except redis.RedisError as error:

@@ -9,9 +9,11 @@ import json
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
+from logging import WARNING
 from pathlib import Path
 
 import redis
+from flwr.common.logger import log
 
 from nanochat.checkpoint import save_model
 from nanochat.common import get_base_dir
@@ -120,8 +122,11 @@ class GlobalModel:
         updates, kinds, tokens = {}, {}, {}
         for site, result in sorted(results.items()):
             if result.status != "ok":
+                if result.extra.get("shard"):   # a file the site could not read: others first, for that site
+                    self.ledger.mark_unreadable(result.extra["shard"], site)
                 released = self.ledger.release(site)
-                self.emit("site-failed", round=number, site=site, reason=result.reason, reissued=released)
+                self.emit("site-failed", round=number, site=site, reason=result.reason, reissued=released,
+                          unreadable=result.extra.get("shard"))
                 continue
             if result.exhausted:  # its shards are trained to the end (a rejected update's rows are not redone)
                 self.ledger.finish(shards_trained(assignments[site], result))
@@ -209,8 +214,9 @@ class AfterRound:
     (so checkpoints are written in round order and at most one snapshot is in flight)."""
 
     def __init__(self, model: GlobalModel, on_done: Callable[[int, float | None, Path], None],
-                 on_error: Callable[[int, BaseException], None]):
+                 on_error: Callable[[int, BaseException], None], still_current: Callable[[], bool] = lambda: True):
         self.model, self.on_done, self.on_error = model, on_done, on_error
+        self.still_current = still_current   # a superseded server (a later one claimed the run) writes no checkpoint
         self._thread: threading.Thread | None = None
 
     def submit(self, state: GlobalState, evaluate: bool) -> None:
@@ -221,6 +227,9 @@ class AfterRound:
     def _run(self, state: GlobalState, evaluate: bool) -> None:
         try:
             val_bpb = self.model.evaluate(state.weights) if evaluate else None
+            if not self.still_current():
+                log(WARNING, "pilot: round %d not checkpointed: a later server took the run over", state.round)
+                return
             path = self.model.save(state, val_bpb)
             self.on_done(state.round, val_bpb, path)
         except BaseException as error:  # noqa: BLE001 - reported; the next job or drain() goes on

@@ -77,7 +77,9 @@ class StopWatcher:
         self.round: int | None = None
         self.server_id = ""
         self.reason = ""
-        self.orphan_timeout = float(os.environ.get(protocol.ORPHAN_TIMEOUT_ENV) or protocol.ORPHAN_TIMEOUT_S)
+        # a round ends sooner than the trainer exits: its work is handed in, the process stays warm
+        self.orphan_timeout = min(protocol.ROUND_ORPHAN_S,
+                                  float(os.environ.get(protocol.ORPHAN_TIMEOUT_ENV) or protocol.ORPHAN_TIMEOUT_S))
         self.server_seen = time.monotonic()
         self.read_ok = time.monotonic()     # the last successful read of Redis
         self._logged = 0.0
