@@ -37,6 +37,9 @@ SETTINGS: tuple[Setting, ...] = (
             '"always" (every connected site, clocked by the wall: plain federated training).'),
     Setting("round-duration", 600,
             "Seconds of simulated time in one federated round while several sites are curtailed."),
+    Setting("round-steps", 0,
+            "Inner optimizer steps per federated round (DiLoCo's H): a site hands in after this many. 0: rounds "
+            "end by round-duration only; else whichever comes first, and the outer step is weighted by steps."),
     Setting("solo-checkpoint-interval", 1800,
             "Seconds of simulated time between checkpoints while one site trains alone."),
     Setting("handshake-timeout", 60,
@@ -144,7 +147,7 @@ RANGES = {  # numeric settings that must lie in a range: (low, high, inclusive l
     "lr": (0.0, None, False), "matrix-lr": (0.0, None, True), "embedding-lr": (0.0, None, True),
     "unembedding-lr": (0.0, None, True), "weight-decay": (0.0, None, True), "warmup-ratio": (0.0, 1.0, True),
     "warmdown-ratio": (0.0, 1.0, True), "final-lr-frac": (0.0, 1.0, True), "grad-clip": (0.0, None, True),
-    "round-duration": (0.0, None, False), "solo-checkpoint-interval": (0.0, None, False),
+    "round-duration": (0.0, None, False), "round-steps": (0, None, True), "solo-checkpoint-interval": (0.0, None, False),
     "outer-lr": (0.0, None, False), "outer-momentum": (0.0, 1.0, True), "depth": (1, None, True),
     "max-seq-len": (1, None, True), "device-batch-size": (1, None, True), "total-batch-size": (1, None, True),
     "site-nproc": (1, None, True), "emulate-step-s": (0.0, None, True), "eval-tokens": (0, None, True), "token-budget": (0, None, True),
@@ -233,6 +236,7 @@ class RunGroup:
 class RoundGroup:
     curtailment: str
     round_duration: float
+    round_steps: int
     solo_checkpoint_interval: float
     round_mode: str
     handshake_timeout: float

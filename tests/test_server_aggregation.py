@@ -99,3 +99,15 @@ def test_a_short_round_moves_the_model_proportionally_less_than_a_full_one():
     outer = OuterOptimizer("nesterov", lr=0.7, momentum=0.9, state={"w": torch.ones(4)})
     outer.step(G, {"w": torch.zeros(4)}, fraction=1.0, idle=3.0)
     assert float(outer.state["w"][0]) == pytest.approx(0.9 ** 4)
+
+
+def test_a_rounds_fraction_is_its_time_or_with_round_steps_its_steps():
+    from pilot.server.aggregation import round_fraction
+
+    assert round_fraction(300.0, 600.0) == 0.5
+    assert round_fraction(900.0, 600.0) == 1.0                      # capped: a late stop is no bigger step
+    assert round_fraction(0.0, 600.0) == 1.0                        # no clock span known: a full round
+    # round-steps H: a round of H steps is full however long it took; a cut one is its steps' share
+    assert round_fraction(5.0, 1e9, mean_steps=25, round_steps=25) == 1.0
+    assert round_fraction(5.0, 1e9, mean_steps=10, round_steps=25) == 0.4
+    assert round_fraction(5.0, 1e9, mean_steps=0, round_steps=25) == 1 / 25   # never a zero step

@@ -9,7 +9,7 @@ and applies an outer step:
 
 Rounds end at every membership change, so their lengths vary. f is the round's length against a nominal
 round (round-duration of simulated time; at a site's steady throughput that is its tokens against a full
-round's), capped at 1. A full round (f = 1) is DiLoCo's step exactly. A round cut to a fraction f decays the
+round's; with round-steps H set, the sites' mean steps against H), capped at 1 (`round_fraction`). A full round (f = 1) is DiLoCo's step exactly. A round cut to a fraction f decays the
 momentum by mu^f and moves along it by f * mu * m: a round moves the model along the momentum in proportion to
 its length, and n rounds of 1/n length decay it as one full round does (mu) and move along it by about as much
 (their own pseudo-gradients add up as they are). Without f, a round cut to 1% of its length moved the model
@@ -35,6 +35,15 @@ DEFAULT_OUTER_LR = 0.7
 DEFAULT_OUTER_MOMENTUM = 0.9
 
 Tensors = Mapping[str, torch.Tensor]
+
+
+def round_fraction(sim_seconds: float, round_duration: float, mean_steps: float = 0.0, round_steps: int = 0) -> float:
+    """A federated round's length against a nominal one, in (0, 1]: its simulated seconds against
+    round-duration, or with round-steps set its sites' mean steps against round-steps (a round of H steps is
+    full however long it took)."""
+    if round_steps:
+        return min(1.0, max(mean_steps, 0.0) / round_steps) or 1.0 / round_steps
+    return min(1.0, sim_seconds / round_duration) if sim_seconds > 0 else 1.0
 
 
 class RejectedUpdate(ValueError):

@@ -189,7 +189,8 @@ class Federation:
                                    blob_token=self.blob_tokens.issue(site, number), site=site,
                                    shards=assignment.shards, cursors=assignment.cursors,
                                    schedule_step=schedule_step, max_steps=max_steps, update_payload=update_payload,
-                                   blob_ca=self.blob_ca, round_mode=self.settings.rounds.round_mode)
+                                   blob_ca=self.blob_ca, round_mode=self.settings.rounds.round_mode,
+                                   round_steps=self.settings.rounds.round_steps if len(members) > 1 else 0)
             record = self.site_record()
             record["request"] = request.to_json()
             record[signing.SIGNATURE_KEY] = signing.sign_request(request, self.signing_key)

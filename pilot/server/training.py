@@ -28,7 +28,7 @@ from pilot.dataplane import payload
 from pilot.dataplane.store import BlobStore
 from pilot.protocol import RoundResult
 from pilot.server import checkpoint
-from pilot.server.aggregation import OuterOptimizer, RejectedUpdate, average_updates, check_update
+from pilot.server.aggregation import OuterOptimizer, RejectedUpdate, average_updates, check_update, round_fraction
 from pilot.server.checkpoint import GlobalState
 from pilot.server.ledger import Assignment, Ledger
 from pilot.settings import ModelGroup, RoundGroup
@@ -118,7 +118,8 @@ class GlobalModel:
         new global model, adopted as uploaded (a weights-fp32 update, which solo rounds ask for: the site then
         holds exactly the global model and fetches nothing next round, and the server hashes nothing). Several:
         their pseudo-gradients, averaged in fp32 weighted by tokens, go through the outer optimizer, its step
-        weighted by the round's length (`span`, simulated seconds) against round-duration."""
+        weighted by the round's length (`span`, simulated seconds) against round-duration (with round-steps: the
+        sites' mean steps against round-steps)."""
         updates, kinds, tokens = {}, {}, {}
         for site, result in sorted(results.items()):
             if result.status != "ok":
@@ -157,7 +158,8 @@ class GlobalModel:
         elif updates:
             deltas = {s: payload.as_delta(u, self.state.weights, kinds[s]) for s, u in updates.items()}
             start, end = span
-            fraction = (end - start) / self.rounds.round_duration if end > start else 1.0
+            fraction = round_fraction(end - start, self.rounds.round_duration,
+                                      sum(results[s].steps for s in updates) / len(updates), self.rounds.round_steps)
             last = self.state.info.get("outer_sim_ts")   # end of the last federated round
             idle = max(0.0, (start - last) / self.rounds.round_duration) if last else 0.0
             self.state.weights = self.outer.step(self.state.weights, average_updates(deltas, tokens, self.state.weights),

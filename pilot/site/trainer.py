@@ -393,6 +393,9 @@ class SiteTrainer:
             if steps >= request.max_steps:
                 reason = "horizon"
                 break
+            if request.round_steps and steps >= request.round_steps:
+                reason = "round steps"    # the federation's reason: in overlap mode the site trains on
+                break
             try:
                 result = trainer.step()
             except DataExhausted:
