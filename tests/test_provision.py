@@ -203,8 +203,21 @@ def test_rendered_manifests_validate_and_are_the_committed_ones(tmp_path):
         assert "--insecure" not in container["args"] and "--auth-supernode-private-key" in container["args"]
     link = docs[("Deployment", "pilot-superlink")]["spec"]["template"]["spec"]["containers"][0]
     assert "--enable-supernode-auth" in link["args"] and "--ssl-certfile" in link["args"]
-    redis_args = docs[("StatefulSet", "pilot-redis")]["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert redis_args[:2] == ["--requirepass", "$(REDIS_PASSWORD)"]
+    # least privilege: Redis knows one user per role; every pod is its own role, with only its own password
+    redis_pod = docs[("StatefulSet", "pilot-redis")]["spec"]["template"]["spec"]
+    assert redis_pod["containers"][0]["args"][:2] == ["--aclfile", "/etc/pilot/redis-users/users.acl"]
+    assert redis_pod["volumes"][0]["secret"]["secretName"] == "pilot-redis-users"
+    roles = {("Deployment", "pilot-superlink"): "server", ("Deployment", "pilot-provisioner"): "server",
+             ("Deployment", "pilot-energy"): "energy",
+             **{("StatefulSet", f"pilot-site-{site.k8s_name}"): f"site-{site.name}" for site in sites}}
+    for (kind, name), role in roles.items():
+        pod = docs[(kind, name)]["spec"]["template"]["spec"]
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        assert env["PILOT_REDIS_URL"]["value"] == f"redis://{role}@pilot-redis:6379/0", name
+        assert "REDIS_PASSWORD" not in env and ":$(" not in env["PILOT_REDIS_URL"]["value"]
+        secrets = [v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v]
+        assert [s for s in secrets if s.startswith("pilot-redis")] == [k8s.redis_role_secret(role)], name
+    assert k8s.redis_role_secret("site-client_0") == "pilot-redis-site-client-0"
     assert docs[("Deployment", "pilot-energy")]["spec"]["template"]["spec"]["containers"][0]["args"][0].endswith(
         "energy_simulation.py")
     assert not any(d["kind"] == "Secret" for d in docs.values())   # secrets are made by the user, never rendered

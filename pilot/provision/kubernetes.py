@@ -10,7 +10,8 @@ What is rendered (namespace `pilot` by default; docs/provisioning.md has the com
 
     pilot-shared        PersistentVolumeClaim, ReadWriteMany: data, tokenizer and run directories, mounted at
                         the same path in every pod (a site trainer reads the shards the server names)
-    pilot-redis         StatefulSet + Service: redis-server with its password from Secret pilot-redis
+    pilot-redis         StatefulSet + Service: redis-server with its ACL file (one user per role) from Secret
+                        pilot-redis-users
     pilot-superlink     Deployment + Service: the SuperLink (Fleet and Control API on 8000) and the ServerApp
                         that it runs (weights server on 8470)
     pilot-energy        Deployment: energy_simulation.py, publishing every site's curtailment to Redis
@@ -19,8 +20,10 @@ What is rendered (namespace `pilot` by default; docs/provisioning.md has the com
     pilot-site-NAME     StatefulSet (replicas 0 until the site's window opens) + headless Service: the site's
                         SuperNode with its nvidia.com/gpu request and node selector; its trainer runs in the pod
 
-Secrets are never rendered: `pilot certs` makes them and `kubectl create secret` stores them (pilot-redis,
-pilot-tls, pilot-site-key-NAME). Without `secure`, the SuperLink and SuperNodes run --insecure (a test
+Secrets are never rendered: `pilot certs` makes them and `kubectl create secret` stores them (pilot-redis-users,
+pilot-redis-ROLE per Redis role, pilot-tls, pilot-site-key-NAME). Each pod gets only its own role's Redis
+password, as a file (least privilege, docs/deployment.md): the SuperLink's pod and the provisioner are `server`,
+the energy simulation `energy`, a site's pod `site-NAME`. Without `secure`, the SuperLink and SuperNodes run --insecure (a test
 cluster only).
 """
 
@@ -58,7 +61,10 @@ TLS_DIR = "/etc/pilot/tls"
 SITE_KEY_DIR = "/etc/pilot/site-key"
 SCENARIO_DIR = "/etc/pilot/scenario"
 SITES_DIR = "/etc/pilot/sites"
+REDIS_PASSWORD_DIR = "/etc/pilot/redis-password"   # the pod's own role's password (Secret pilot-redis-ROLE)
+REDIS_USERS_DIR = "/etc/pilot/redis-users"         # redis-server's ACL file (Secret pilot-redis-users)
 REDIS_IMAGE = "redis:7.2"
+REDIS_GID = 999              # the redis user's group in the official image
 KUBECTL_TIMEOUT_S = 30.0
 POLL_S = 2.0
 HEADER = ("# Rendered by `python -m pilot.provision render` from a sites file; edit that file (or the flags)\n"
@@ -114,12 +120,17 @@ def meta(name: str, cluster: ClusterConfig, component: str, **extra: str) -> dic
 
 
 # ------------------------------------------------------------------ pieces shared by the pods
-def common_env(cluster: ClusterConfig) -> list[dict[str, Any]]:
-    """Every Pilot container: the run, its Redis (password from the Secret, URL built from it by Kubernetes'
-    $(VAR) expansion, never written anywhere), the shared directories, Flower offline."""
+def redis_role_secret(role: str) -> str:
+    """The Secret holding a Redis role's password (`pilot certs`' redis-passwords/ROLE): a DNS-1123 name."""
+    return "pilot-redis-" + role.lower().replace("_", "-")
+
+
+def common_env(cluster: ClusterConfig, role: str) -> list[dict[str, Any]]:
+    """Every Pilot container: the run, its Redis as its own role's user (the password read from the mounted
+    Secret, never in the URL, the environment or a command line), the shared directories, Flower offline."""
     return [
-        {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "pilot-redis", "key": "password"}}},
-        {"name": "PILOT_REDIS_URL", "value": f"redis://:$(REDIS_PASSWORD)@pilot-redis:{REDIS_PORT}/0"},
+        {"name": "PILOT_REDIS_URL", "value": f"redis://{role}@pilot-redis:{REDIS_PORT}/0"},
+        {"name": "PILOT_REDIS_PASSWORD_FILE", "value": f"{REDIS_PASSWORD_DIR}/password"},
         {"name": "PILOT_RUN_ID", "value": cluster.run_id},
         {"name": "PILOT_HOME", "value": MOUNT},
         {"name": "NANOCHAT_BASE_DIR", "value": f"{MOUNT}/nanochat"},
@@ -142,6 +153,12 @@ def secret_volume(name: str, secret: str) -> dict[str, Any]:
     return {"name": name, "secret": {"secretName": secret, "defaultMode": 0o400}}
 
 
+def redis_password_volume(role: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(volume, mount) of a role's Redis password file."""
+    return (secret_volume("redis-password", redis_role_secret(role)),
+            {"name": "redis-password", "mountPath": REDIS_PASSWORD_DIR, "readOnly": True})
+
+
 # ------------------------------------------------------------------ the components
 def namespace(cluster: ClusterConfig) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace",
@@ -161,19 +178,25 @@ def redis_manifests(cluster: ClusterConfig) -> list[dict[str, Any]]:
     select = labels("redis")
     service = {"apiVersion": "v1", "kind": "Service", "metadata": meta("pilot-redis", cluster, "redis"),
                "spec": {"selector": select, "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": REDIS_PORT}]}}
+    # one user per role with only its own keys (`pilot certs`' redis-users.acl; Redis >= 7), the default user
+    # the administrator's: no shared password
     container = {
         "name": "redis", "image": REDIS_IMAGE,
-        "args": ["--requirepass", "$(REDIS_PASSWORD)", "--appendonly", "yes", "--dir", "/data"],
-        "env": [{"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "pilot-redis", "key": "password"}}}],
+        "args": ["--aclfile", f"{REDIS_USERS_DIR}/users.acl", "--appendonly", "yes", "--dir", "/data"],
         "ports": [{"name": "redis", "containerPort": REDIS_PORT}],
         "readinessProbe": {"tcpSocket": {"port": REDIS_PORT}, "periodSeconds": 5},
         "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}},
-        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+        "volumeMounts": [{"name": "data", "mountPath": "/data"},
+                         {"name": "users", "mountPath": REDIS_USERS_DIR, "readOnly": True}],
     }
     statefulset = {
         "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": meta("pilot-redis", cluster, "redis"),
         "spec": {"serviceName": "pilot-redis", "replicas": 1, "selector": {"matchLabels": select},
-                 "template": {"metadata": {"labels": select}, "spec": {"containers": [container]}},
+                 # the image's redis user (uid/gid 999) reads the ACL file through its group
+                 "template": {"metadata": {"labels": select}, "spec": {
+                     "containers": [container], "securityContext": {"fsGroup": REDIS_GID},
+                     "volumes": [{"name": "users", "secret": {"secretName": "pilot-redis-users",
+                                                              "defaultMode": 0o440}}]}},
                  "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": {
                      "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": cluster.redis_storage}}}}]},
     }
@@ -189,7 +212,8 @@ def superlink_manifests(cluster: ClusterConfig) -> list[dict[str, Any]]:
                    {"name": "weights", "port": BLOB_PORT, "targetPort": BLOB_PORT}]}}
     args = ["--host", "0.0.0.0", "--port", str(SUPERLINK_PORT), "--disable-runtime-dependency-installation",
             "--database", f"{MOUNT}/superlink/state.db"]
-    mounts, volumes = [shared_mount()], [shared_volume()]
+    password_volume, password_mount = redis_password_volume("server")
+    mounts, volumes = [shared_mount(), password_mount], [shared_volume(), password_volume]
     if cluster.secure:
         args += ["--ssl-ca-certfile", f"{TLS_DIR}/ca.crt", "--ssl-certfile", f"{TLS_DIR}/superlink.crt",
                  "--ssl-keyfile", f"{TLS_DIR}/superlink.key", "--enable-supernode-auth"]
@@ -200,7 +224,7 @@ def superlink_manifests(cluster: ClusterConfig) -> list[dict[str, Any]]:
     container = {
         "name": "superlink", "image": cluster.image,
         "command": ["sh", "-c", f'mkdir -p {MOUNT}/superlink && exec flower-superlink "$@"', "flower-superlink"],
-        "args": args, "env": common_env(cluster),
+        "args": args, "env": common_env(cluster, "server"),
         "ports": [{"name": "flower", "containerPort": SUPERLINK_PORT}, {"name": "weights", "containerPort": BLOB_PORT}],
         "readinessProbe": {"tcpSocket": {"port": SUPERLINK_PORT}, "periodSeconds": 5},
         "resources": {"requests": {"cpu": "2", "memory": "16Gi"}},   # the ServerApp holds global weights + eval
@@ -220,7 +244,8 @@ def energy_manifests(cluster: ClusterConfig) -> list[dict[str, Any]]:
     args = ["energy_simulation.py",  # in the image's working directory, the project (Dockerfile)
             "--run-id", cluster.run_id, "--speedup", "1"]
     docs: list[dict[str, Any]] = []
-    mounts, volumes = [shared_mount()], [shared_volume()]
+    password_volume, password_mount = redis_password_volume("energy")
+    mounts, volumes = [shared_mount(), password_mount], [shared_volume(), password_volume]
     if cluster.scenario:
         path = Path(cluster.scenario)
         docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta("pilot-scenario", cluster, "energy"),
@@ -229,7 +254,7 @@ def energy_manifests(cluster: ClusterConfig) -> list[dict[str, Any]]:
         mounts.append({"name": "scenario", "mountPath": SCENARIO_DIR, "readOnly": True})
         volumes.append({"name": "scenario", "configMap": {"name": "pilot-scenario"}})
     container = {"name": "energy", "image": cluster.image, "command": ["python"], "args": args,
-                 "env": common_env(cluster),
+                 "env": common_env(cluster, "energy"),
                  "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}}, "volumeMounts": mounts}
     docs.append({
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta("pilot-energy", cluster, "energy"),
@@ -244,6 +269,7 @@ def provisioner_manifests(sites: Sequence[SiteSpec], cluster: ClusterConfig) -> 
     """The provisioning controller: follows the run's energy state in Redis and scales each site's
     StatefulSet (`python -m pilot.provision kubernetes`), with only the rights that takes."""
     select = labels("provisioner")
+    password_volume, password_mount = redis_password_volume("server")
     account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta("pilot-provisioner", cluster, "provisioner")}
     role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
             "metadata": meta("pilot-provisioner", cluster, "provisioner"),
@@ -260,16 +286,17 @@ def provisioner_manifests(sites: Sequence[SiteSpec], cluster: ClusterConfig) -> 
         "name": "provisioner", "image": cluster.image, "command": ["python", "-m", "pilot.provision"],
         "args": ["kubernetes", "--sites", f"{SITES_DIR}/sites.toml", "--namespace", cluster.namespace,
                  "--run-id", cluster.run_id],
-        "env": common_env(cluster),
+        "env": common_env(cluster, "server"),   # it acts for the server: reads the energy state, drains trainers
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
-        "volumeMounts": [{"name": "sites", "mountPath": SITES_DIR, "readOnly": True}],
+        "volumeMounts": [{"name": "sites", "mountPath": SITES_DIR, "readOnly": True}, password_mount],
     }
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta("pilot-provisioner", cluster, "provisioner"),
         "spec": {"replicas": 1, "strategy": {"type": "Recreate"}, "selector": {"matchLabels": select},
                  "template": {"metadata": {"labels": select},
                               "spec": {"serviceAccountName": "pilot-provisioner", "containers": [container],
-                                       "volumes": [{"name": "sites", "configMap": {"name": "pilot-sites"}}]}}},
+                                       "volumes": [{"name": "sites", "configMap": {"name": "pilot-sites"}},
+                                                   password_volume]}}},
     }
     return [account, role, binding, config, deployment]
 
@@ -284,8 +311,9 @@ def site_manifests(site: SiteSpec, cluster: ClusterConfig) -> list[dict[str, Any
     args = ["--superlink", f"pilot-superlink:{SUPERLINK_PORT}", "--port", str(CLIENTAPPIO_PORT),
             "--health-server-address", f"0.0.0.0:{HEALTH_PORT}",
             "--node-config", f'name="{site.name}" partition-id={site.partition_id}']
-    mounts, volumes = [shared_mount(), {"name": "dshm", "mountPath": "/dev/shm"}], \
-        [shared_volume(), {"name": "dshm", "emptyDir": {"medium": "Memory"}}]   # NCCL needs a real /dev/shm
+    password_volume, password_mount = redis_password_volume(f"site-{site.name}")   # its ClientApp's and trainer's
+    mounts, volumes = [shared_mount(), {"name": "dshm", "mountPath": "/dev/shm"}, password_mount], \
+        [shared_volume(), {"name": "dshm", "emptyDir": {"medium": "Memory"}}, password_volume]   # NCCL: real /dev/shm
     if cluster.secure:
         args = ["--root-certificates", f"{TLS_DIR}/ca.crt", "--auth-supernode-private-key", f"{SITE_KEY_DIR}/key",
                 *args]
@@ -300,7 +328,7 @@ def site_manifests(site: SiteSpec, cluster: ClusterConfig) -> list[dict[str, Any
         resources["limits"] = {"nvidia.com/gpu": site.gpus}
     container = {
         "name": "supernode", "image": cluster.image, "command": ["flower-supernode"], "args": args,
-        "env": common_env(cluster),
+        "env": common_env(cluster, f"site-{site.name}"),
         "ports": [{"name": "health", "containerPort": HEALTH_PORT}],
         "readinessProbe": {"grpc": {"port": HEALTH_PORT}, "periodSeconds": 5},
         "resources": resources, "volumeMounts": mounts,
