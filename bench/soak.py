@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pilot import protocol  # noqa: E402
-from pilot.coordination import find_redis_server, free_port  # noqa: E402
+from pilot.coordination import find_redis_server, free_port, wait_for_port  # noqa: E402
 from pilot.energy.events import SIGNAL_FRESH_S  # noqa: E402
 from pilot.ops import demo  # noqa: E402
 from pilot.site import process  # noqa: E402
@@ -161,6 +161,7 @@ class Deployment:
     def start_link(self) -> None:
         self.link = self._popen("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
                                               "--port", str(self.link_port), "--database", str(self.work / "link.db")])
+        wait_for_port(self.link_port)   # a loaded machine takes seconds: `flwr run` before it fails at once
 
     def start_node(self, site: str) -> None:
         self.nodes[site] = self._popen(f"supernode-{site}", [

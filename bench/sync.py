@@ -44,6 +44,9 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(HERE / "flower_sync"))
 from sync_app import d20_like_state, param_count, peak_rss_bytes  # noqa: E402  (the one definition of the d20 shapes)
 
+sys.path.insert(0, str(ROOT))
+from pilot.coordination import wait_for_port  # noqa: E402
+
 TOKEN = "bench-token"
 SOCKET_CHUNK = 4 << 20
 WORKER_THREADS = 1      # torch threads per worker process: 2 cores are shared by server and sites
@@ -284,18 +287,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on port {port} after {timeout:.0f} s") from None
-            time.sleep(0.2)
 
 
 def vmhwm(pid: int) -> int:

@@ -162,6 +162,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for_port(port: int, timeout: float = 60.0) -> None:
+    """Until something listens on 127.0.0.1:port (a SuperLink, a weights server starting on a busy machine)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on port {port} after {timeout:.0f} s") from None
+            time.sleep(0.2)
+
+
 @dataclass
 class EmbeddedState:
     """What the run directory records about its embedded server (redis/state.json)."""
