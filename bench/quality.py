@@ -14,12 +14,12 @@ Validation, apples to apples: every run's final model is evaluated by this scrip
 (pilot/server/training.py `evaluate`: the LAST parquet shard, the first eval-tokens tokens, device-batch x
 seq-len batches); the runs' own last figures (base_train's metrics.jsonl at the horizon, the federation's last
 round-end event) are printed beside it as a check, and their curves (val bpb against tokens) come from them.
-Rounds are time-based: round-duration is set to H x the step time measured in (a) (1 thread per site, as the
-federation's site trainers run) + --round-overhead (the seconds from a round's start to a site's first step),
-and the actual mean H is read from the site-result events.
+Rounds are H inner steps (the run setting round-steps), whatever the machine's load: a site hands in after H
+steps; round-duration is only a safety bound. The actual mean H is read from the site-result events (the last
+round may be shorter: the steps left to the budget).
 
     .venv/bin/python bench/quality.py --quick            # depth 2, 150k tokens, 3 federated configurations (764 s under heavy load)
-    .venv/bin/python bench/quality.py                    # depth 4, 600k tokens, K=2, all 8 configurations
+    .venv/bin/python bench/quality.py                    # depth 4, 600k tokens, K=2, all 11 configurations
     .venv/bin/python bench/quality.py --sites 2,3 --only 1,2,6   # K=3 too; a subset of the configurations (--list)
 """
 
@@ -51,15 +51,18 @@ class Fed:
     mode: str = "sync"    # round-mode
     lr: float = 0.7       # outer-lr (nesterov)
     momentum: float = 0.9
+    payload: str = "delta-bf16"   # update-payload
 
     def label(self, k: int) -> str:
         opt = "average" if self.outer == "none" else f"nesterov lr {self.lr:g} mom {self.momentum:g}"
-        return f"(c) K={k} {opt}, H~{self.h}, {self.mode}"
+        wire = "" if self.payload == "delta-bf16" else f", {self.payload.removeprefix('delta-')}"
+        return f"(c) K={k} {opt}, H {self.h}, {self.mode}{wire}"
 
 
-FULL = [Fed("none", 25), Fed("nesterov", 25), Fed("nesterov", 100), Fed("nesterov", 25, lr=0.5),
-        Fed("nesterov", 25, lr=1.0), Fed("nesterov", 25, mode="overlap"), Fed("none", 100),
-        Fed("none", 25, mode="overlap")]
+FULL = [Fed("none", 25), Fed("nesterov", 25), Fed("nesterov", 10), Fed("nesterov", 25, lr=0.5),
+        Fed("nesterov", 25, lr=1.0), Fed("nesterov", 25, mode="overlap"), Fed("none", 25, mode="overlap"),
+        Fed("none", 10), Fed("none", 25, payload="delta-int4"), Fed("none", 25, payload="delta-int2"),
+        Fed("none", 100)]
 QUICK = [Fed("none", 25), Fed("nesterov", 25), Fed("nesterov", 25, mode="overlap")]
 
 
@@ -272,9 +275,6 @@ def main() -> None:
     p.add_argument("--curve-points", type=int, default=6, help="evaluations of the centralized runs")
     p.add_argument("--threads", type=int, default=1, help="torch threads per site (and per centralized run)")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="cores the sites share (H calibration)")
-    p.add_argument("--round-overhead", type=float, default=10.0,
-                   help="seconds of a round before a site's first step (Flower's message path: a new ClientApp "
-                        "process, 3 s polling; the weights fetch), added to H x step time")
     p.add_argument("--work", type=Path, help="keep every run here (default: a temporary directory)")
     p.add_argument("--json", type=Path, help="write the results here as JSON")
     a = p.parse_args()
@@ -322,15 +322,17 @@ def main() -> None:
             slowdown = max(1.0, k * a.threads / a.cores)
             for i, c in enumerate(configs, 1):
                 label = c.label(k)
-                duration = max(2, round(c.h * dt * slowdown + a.round_overhead))   # whole seconds (an int setting)
-                run_id = f"k{k}-{i}-{c.outer}-{c.lr:g}-h{c.h}-{c.mode}"
-                print(f"{label}: round-duration {duration} s ...", flush=True)
+                # rounds are H steps; the duration is a safety bound only (10x the rounds' expected time)
+                duration = max(600, round(10 * c.h * dt * slowdown))
+                run_id = f"k{k}-{i}-{c.outer}-{c.lr:g}-h{c.h}-{c.mode}-{c.payload}"
+                print(f"{label} ...", flush=True)
                 started = time.monotonic()
                 expected = a.tokens / k / a.site_batch * dt * slowdown
                 try:
                     run_dir = deployment(work, run_id, k, common + [
-                        f"round-duration={duration}", f'round-mode="{c.mode}"', f'outer-optimizer="{c.outer}"',
-                        f"outer-lr={c.lr}", f"outer-momentum={c.momentum}"], timeout=6 * expected + 600,
+                        f"round-duration={duration}", f"round-steps={c.h}", f'round-mode="{c.mode}"',
+                        f'outer-optimizer="{c.outer}"', f"outer-lr={c.lr}", f"outer-momentum={c.momentum}",
+                        f'update-payload="{c.payload}"'], timeout=6 * expected + 600,
                         threads=a.threads)
                     res = federated_result(run_dir, label, k, a, data, tok, time.monotonic() - started)
                 except (RuntimeError, subprocess.TimeoutExpired, OSError) as error:
