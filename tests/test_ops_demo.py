@@ -1,5 +1,5 @@
 """`pilot demo` at its smallest: the whole system end to end (embedded Redis, energy simulation, Flower, three
-site trainers, the centralized baseline, the report), checked against the run's own logs; and Ctrl-C leaves
+site trainers, the two centralized baselines, the report), checked against the run's own logs; and Ctrl-C leaves
 no process behind."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from pilot.report.html import render_png
+from pilot.report.html import render_png, rendered_dom
 from tests.conftest import PROJECT_ROOT, VENV_BIN, subprocess_env
 
 pytestmark = pytest.mark.e2e   # real Flower runs: minutes each (quick tier: -m 'not e2e')
@@ -74,6 +74,14 @@ def test_the_demo_runs_end_to_end_and_its_report_matches_its_logs(tmp_path, text
     assert summary["run"]["final_val_bpb"] == pytest.approx(
         [e["val_bpb"] for e in events if e["kind"] == "round-end" and e["val_bpb"] is not None][-1])
     assert summary["baseline"]["final_val_bpb"] == pytest.approx([b["val_bpb"] for b in baseline if "val_bpb" in b][-1])
+    # and the data-parallel equivalent: the three sites' batch, a third of the steps, the same tokens (to a batch)
+    sites_batch = read_jsonl(run_dir / "baseline-sites" / "metrics.jsonl")
+    one_batch = baseline[-1]["tokens"] // baseline[-1]["step"]
+    assert sites_batch[-1]["tokens"] // sites_batch[-1]["step"] == 3 * one_batch
+    assert tokens - 3 * one_batch < sites_batch[-1]["tokens"] <= tokens
+    assert summary["baseline_sites"]["steps"] == sites_batch[-1]["step"] == tokens // (3 * one_batch)
+    assert summary["baseline_sites"]["final_val_bpb"] == pytest.approx(
+        [b["val_bpb"] for b in sites_batch if "val_bpb" in b][-1])
     # windows: the report's curtailed time per site is what the energy log says, over the run's span
     steps = read_jsonl(run_dir / "logs" / "steps.jsonl")
     energy = read_jsonl(run_dir / "logs" / "energy.jsonl")
@@ -97,6 +105,9 @@ def test_the_demo_runs_end_to_end_and_its_report_matches_its_logs(tmp_path, text
     train_kwh = sum(kw[e["site"]] * e["seconds_training"] * config["speedup"] / 3600 for e in results)
     assert summary["energy"]["total"]["train_kwh"] == pytest.approx(train_kwh, rel=0.05)
 
+    # the page, as a browser builds it, compares the run with both baselines, labelled
+    dom = rendered_dom(run_dir / "report" / "index.html")
+    assert "centralized, one site" in dom and "centralized, the sites" in dom and "Both baselines" in dom
     png = tmp_path / "report.png"
     render_png(run_dir / "report" / "index.html", png)
     from PIL import Image

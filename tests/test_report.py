@@ -145,6 +145,14 @@ def make_run(root: Path) -> tuple[Path, dict]:
             row["val_bpb"] = 3.0 - step / 200
         baseline.append(row)
     write_jsonl(run / "baseline" / "metrics.jsonl", baseline)
+    sites_batch = []   # the sites' batch: half the steps of twice the tokens each, the same tokens in all
+    for step in range(1, 101):
+        row = {"step": step, "loss": 6.0 - 0.015 * step, "lrm": 1.0, "tokens": step * 8192, "dt": 2.5,
+               "wall_ts": W0 + 1000 + 2.5 * step}
+        if step % 25 == 0:
+            row["val_bpb"] = 3.0 - step / 80
+        sites_batch.append(row)
+    write_jsonl(run / "baseline-sites" / "metrics.jsonl", sites_batch)
     truth["total_tokens"] = total_tokens
     truth["rounds"] = number
     truth["final_val"] = val
@@ -181,6 +189,15 @@ def test_summary_numbers_match_the_logs(built):
     # the federated run has ~tokens; the baseline's val point nearest to it
     nearest = min((50, 100, 150, 200), key=lambda s: abs(s * 4096 - truth["total_tokens"]))
     assert b["val_bpb_at_equal_tokens"] == pytest.approx(3.0 - nearest / 200)
+    assert b["batch_tokens"] == 4096 and b["label"] == "centralized, one site's batch"
+    k = summary["baseline_sites"]
+    assert (k["steps"], k["tokens"], k["batch_tokens"]) == (100, 100 * 8192, 8192)
+    assert k["final_val_bpb"] == pytest.approx(3.0 - 100 / 80) and k["label"] == "centralized, the sites' batch"
+    # the note says how to read the gaps, with the federated run's figure against each baseline
+    note = next(n for n in summary["notes"] if n.startswith("Both baselines"))
+    for base in (b, k):
+        assert f"{100 * (r['final_val_bpb'] / base['final_val_bpb'] - 1):+.1f}%" in note
+    assert "fewer sequential steps, not of federation" in note
     for site, t in ((s, truth[s]) for s in SITES):
         row = summary["sites"][site]
         assert row["steps"] == t["steps"] > 0
@@ -255,6 +272,14 @@ def test_page_is_self_contained_and_renders(built, tmp_path):
     assert "0.367 kg CO2/kWh" in text and "zero marginal emissions" in text
     # the page shows the summary's numbers
     assert f"{int(summary['run']['tokens']):,}" in text
+    # as a browser builds it: the summary table compares federated with both baselines, labelled, with ratios
+    dom = report_html.rendered_dom(page)
+    header = dom[dom.index("<h2>Summary</h2>"):].split("</thead>")[0]
+    assert ["federated", "centralized, one site's batch", "centralized, the sites' batch"] == \
+        [h.split("</th>")[0].replace("&#x27;", "'") for h in header.split("<th>")[2:]], header
+    assert "tokens per optimizer step" in dom and "federated val bpb / this" in dom
+    for base in (summary["baseline"], summary["baseline_sites"]):
+        assert f"{summary['run']['final_val_bpb'] / base['final_val_bpb']:.4f}" in dom
     png = report_html.render_png(page, tmp_path / "page.png")
     from PIL import Image  # noqa: PLC0415 - matplotlib's dependency
 
@@ -316,11 +341,12 @@ def test_cut_short_last_line_is_a_warning_not_an_error(tmp_path):
 def test_missing_optional_inputs_give_a_page_that_says_so(tmp_path):
     run, truth = make_run(tmp_path)
     shutil.rmtree(run / "baseline")
+    shutil.rmtree(run / "baseline-sites")
     (run / "logs" / "energy.jsonl").unlink()
     (run / "logs" / "energy_config.json").unlink()
     page = report_cli.build(run, tmp_path / "out")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["baseline"] is None and summary["energy"] is None and summary["emissions"] is None
+    assert summary["baseline"] is None and summary["baseline_sites"] is None and summary["energy"] is None and summary["emissions"] is None
     text = page.read_text()
     assert "no centralized baseline" in text and "no energy transitions" in text and "no energy configuration" in text
     assert summary["run"]["tokens"] == truth["total_tokens"]

@@ -12,7 +12,9 @@ What runs, all as real processes that the demo stops when it ends or is interrup
   4. energy_simulation.py: the shipped renewable-surplus scenario (three sites, pvlib weather) from a chosen
      day, paced so that --days simulated days take days*86400/speedup seconds; the run ends with it
      (or when the token budget is reached);
-  5. the centralized baseline: scripts/base_train.py on one site, on the same data, for the same tokens;
+  5. the centralized baselines, side by side, on the same data for the same tokens (scripts/base_train.py):
+     one site's batch (RUN_DIR/baseline: K times the sequential steps of a site in a K-site round) and the
+     3 sites' batch (RUN_DIR/baseline-sites: the data-parallel equivalent of the federation, DiLoCo's baseline);
   6. `pilot report RUN_DIR`: an HTML page with figures (RUN_DIR/report/index.html).
 Progress is shown live in the terminal (`pilot watch RUN_ID` shows the same from another terminal).
 """
@@ -144,31 +146,47 @@ def follow(r, run_id: str, done, interval: float = 0.5) -> None:
     log(watch.one_line(watch.snapshot(r, run_id)))
 
 
-def run_baseline(procs: Processes, run_dir: Path, args: argparse.Namespace, data_dir: Path, tokenizer_dir: Path,
-                 steps: int) -> int:
-    """The centralized baseline: one site, the same model, data and batch, the same number of steps."""
-    out = run_dir / "baseline"
-    cmd = [sys.executable, "-m", "scripts.base_train", "--run", "baseline", "--checkpoint_dir", str(out),
-           "--data_dir", str(data_dir), "--tokenizer_dir", str(tokenizer_dir), "--device_type", "cpu",
-           "--compile", "off", "--depth", str(args.depth), "--max_seq_len", str(SEQ_LEN),
-           "--device_batch_size", str(DEVICE_BATCH), "--total_batch_size", str(TOTAL_BATCH),
-           "--num_iterations", str(steps), "--eval_every", str(max(1, steps // 8)),
-           "--eval_tokens", str(EVAL_TOKENS), "--save_every", "0"]
-    out.mkdir(parents=True, exist_ok=True)
-    log(f"centralized baseline: {steps} steps of {TOTAL_BATCH} tokens on one site (log: {out / 'train.log'})")
-    proc = procs.start("baseline", cmd, out / "train.log")
-    metrics, last = out / "metrics.jsonl", 0.0
-    while proc.poll() is None:
+BASELINES = {"baseline": 1, "baseline-sites": 3}   # folder -> sites' batches per step (the scenario's 3 sites)
+
+
+def baseline_command(out: Path, args: argparse.Namespace, data_dir: Path, tokenizer_dir: Path, batch: int,
+                     steps: int) -> list[str]:
+    return [sys.executable, "-m", "scripts.base_train", "--run", out.name, "--checkpoint_dir", str(out),
+            "--data_dir", str(data_dir), "--tokenizer_dir", str(tokenizer_dir), "--device_type", "cpu",
+            "--compile", "off", "--depth", str(args.depth), "--max_seq_len", str(SEQ_LEN),
+            "--device_batch_size", str(DEVICE_BATCH), "--total_batch_size", str(batch),
+            "--num_iterations", str(steps), "--eval_every", str(max(1, steps // 8)),
+            "--eval_tokens", str(EVAL_TOKENS), "--save_every", "0"]
+
+
+def run_baselines(procs: Processes, run_dir: Path, args: argparse.Namespace, data_dir: Path, tokenizer_dir: Path,
+                  tokens: int) -> int:
+    """The centralized baselines at the federation's tokens, side by side: the same model and data with one
+    site's batch, and with the sites' batch (fewer, larger steps); one thread each. Returns the worst exit code."""
+    running = {}
+    for name, sites in BASELINES.items():
+        out, batch = run_dir / name, sites * TOTAL_BATCH
+        steps = max(1, tokens // batch)
+        out.mkdir(parents=True, exist_ok=True)
+        log(f"centralized baseline ({name}): {steps} steps of {batch} tokens ({sites} site(s)' batch; "
+            f"log: {out / 'train.log'})")
+        running[name] = (procs.start(name, baseline_command(out, args, data_dir, tokenizer_dir, batch, steps),
+                                     out / "train.log", env={**os.environ, "OMP_NUM_THREADS": "1"}), steps)
+    last = 0.0
+    while any(proc.poll() is None for proc, _ in running.values()):
         time.sleep(0.5)
-        if time.monotonic() - last >= 10 and metrics.exists():
-            lines = metrics.read_text().splitlines()
+        if time.monotonic() - last < 10:
+            continue
+        last = time.monotonic()
+        for name, (_, steps) in running.items():
+            metrics = run_dir / name / "metrics.jsonl"
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
             if lines:
                 row = json.loads(lines[-1])
                 bpb = [json.loads(x)["val_bpb"] for x in lines if "val_bpb" in x]
-                log(f"baseline step {row['step']}/{steps}, loss {row['loss']:.3f}, "
-                    f"val bpb {bpb[-1] if bpb else float('nan'):.4f}, {TOTAL_BATCH / max(row['dt'], 1e-9):,.0f} tok/s")
-                last = time.monotonic()
-    return proc.returncode
+                log(f"{name} step {row['step']}/{steps}, loss {row['loss']:.3f}, "
+                    f"val bpb {bpb[-1] if bpb else float('nan'):.4f}")
+    return max(proc.returncode for proc, _ in running.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=DEPTH, help=f"model depth (default {DEPTH})")
     parser.add_argument("--token-budget", type=int, default=TOKEN_BUDGET,
                         help=f"tokens at which the run ends if the energy has not ended it (default {TOKEN_BUDGET:,})")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the centralized baseline")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the centralized baselines")
     parser.add_argument("--no-report", action="store_true", help="skip the report")
     parser.add_argument("--data-dir", type=Path, default=None, help="text shards (default $PILOT_HOME/demo/data)")
     parser.add_argument("--tokenizer-dir", type=Path, default=None,
@@ -247,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             coordination.release(r, run_dir)
     try:
         if not args.no_baseline and tokens > 0:
-            if run_baseline(procs, run_dir, args, data_dir, tokenizer_dir, max(1, tokens // TOTAL_BATCH)) != 0:
-                log(f"the baseline failed; see {run_dir / 'baseline' / 'train.log'}")
+            if run_baselines(procs, run_dir, args, data_dir, tokenizer_dir, tokens) != 0:
+                log(f"a baseline failed; see {run_dir}/baseline*/train.log")
         if not args.no_report:
             from pilot.report import cli as report
             report.main([str(run_dir)])

@@ -13,6 +13,7 @@ WINDOW_COLOR = "#bfe3f5"
 TRAIN_COLOR = "#1f5f99"
 SITE_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
 CENTRAL_COLOR = "black"
+SITES_BATCH_COLOR = "#9467bd"   # the centralized baseline with the sites' batch
 
 
 def _plt():
@@ -90,25 +91,29 @@ def _coarse_regimes(regimes: Sequence[tuple[float, float, str]], gap: float) -> 
 
 def learning_curves(path: Path, series: Mapping[str, Any]) -> Path:
     """Loss and validation bits per byte against wall time and tokens: federated sites against the
-    centralized baseline."""
+    centralized baselines (one site's batch, and the sites' batch)."""
     plt = _plt()
     fig, axes = plt.subplots(2, 2, figsize=(12, 7.5))
     fed_steps = series["steps"]          # site -> {"wall_s", "tokens", "loss"}
     fed_val = series["val"]              # {"wall_s", "tokens", "val_bpb"}
-    base = series.get("baseline")        # {"wall_s", "tokens", "loss", "val_wall_s", "val_tokens", "val_bpb"}
+    # {"wall_s", "tokens", "loss", "val_wall_s", "val_tokens", "val_bpb"} of each centralized baseline
+    bases = [(series.get("baseline"), "centralized, one site's batch", CENTRAL_COLOR, "s--"),
+             (series.get("baseline_sites"), "centralized, the sites' batch", SITES_BATCH_COLOR, "D:")]
     for col, axis in enumerate(("wall_s", "tokens")):
         ax = axes[0, col]
         for i, (site, s) in enumerate(sorted(fed_steps.items())):
             ax.plot(s[axis], s["loss"], ".", ms=3, color=SITE_COLORS[i % len(SITE_COLORS)],
                     label=f"federated: {site}")
-        if base and base["loss"]:
-            ax.plot(base[axis], base["loss"], "-", lw=0.8, alpha=0.7, color=CENTRAL_COLOR, label="centralized")
+        for base, label, color, _ in bases:
+            if base and base["loss"]:
+                ax.plot(base[axis], base["loss"], "-", lw=0.8, alpha=0.7, color=color, label=label)
         ax.set_ylabel("training loss")
         ax = axes[1, col]
         if fed_val["val_bpb"]:
             ax.plot(fed_val[axis], fed_val["val_bpb"], "o-", ms=4, color="#2ca02c", label="federated (round end)")
-        if base and base["val_bpb"]:
-            ax.plot(base["val_" + axis], base["val_bpb"], "s--", ms=4, color=CENTRAL_COLOR, label="centralized")
+        for base, label, color, style in bases:
+            if base and base["val_bpb"]:
+                ax.plot(base["val_" + axis], base["val_bpb"], style, ms=4, color=color, label=label)
         ax.set_ylabel("validation bits per byte")
         for ax in axes[:, col]:
             ax.set_xlabel("wall time since start (s)" if axis == "wall_s" else "tokens")

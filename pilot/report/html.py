@@ -85,7 +85,8 @@ def img(path: Path | None, alt: str) -> str:
 
 
 def render_html(summary: dict[str, Any], figures: dict[str, Path | None]) -> str:
-    run, base, sites = summary["run"], summary["baseline"], summary["sites"]
+    run, sites = summary["run"], summary["sites"]
+    bases = [b for b in (summary["baseline"], summary.get("baseline_sites")) if b]
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Pilot run report</title>"
              f"<style>{CSS}</style></head><body>",
              f"<h1>Pilot run report</h1><p class='small'>{html.escape(summary['run_dir'])} · generated "
@@ -95,15 +96,23 @@ def render_html(summary: dict[str, Any], figures: dict[str, Path | None]) -> str
     for warning in summary["warnings"]:
         parts.append(f"<div class='warn'>{html.escape(warning)}</div>")
     parts.append("<h2>Summary</h2>")
-    rows = [("rounds", fmt(run["rounds"]), "–"),
-            ("tokens", fmt(run["tokens"]), fmt(base["tokens"]) if base else "–"),
-            ("final validation bits per byte", fmt(run["final_val_bpb"], 4), fmt(base["final_val_bpb"], 4) if base else "–"),
-            ("centralized val bpb at equal tokens (tokens)", "–",
-             f"{fmt(base['val_bpb_at_equal_tokens'], 4)} ({fmt(base['val_bpb_at_equal_tokens_tokens'])})" if base else "–"),
-            ("wall time (s)", fmt(run["wall_s"], 1), fmt(base["wall_s"], 1) if base else "–"),
-            ("optimizer steps", fmt(run["steps"]), fmt(base["steps"]) if base else "–"),
-            ("outcome", fmt(run["outcome"]), "–")]
-    parts.append(table(("", "federated", "centralized"), rows))
+
+    def ratio(base: dict) -> str:
+        if run["final_val_bpb"] is None or not base.get("final_val_bpb"):
+            return "–"
+        return f"{run['final_val_bpb'] / base['final_val_bpb']:.4f}"
+
+    rows = [("rounds", fmt(run["rounds"]), *("–" for _ in bases)),
+            ("tokens", fmt(run["tokens"]), *(fmt(b["tokens"]) for b in bases)),
+            ("tokens per optimizer step", "a site's batch per site", *(fmt(b["batch_tokens"]) for b in bases)),
+            ("optimizer steps (sequential)", fmt(run["steps"]) + " (all sites)", *(fmt(b["steps"]) for b in bases)),
+            ("final validation bits per byte", fmt(run["final_val_bpb"], 4), *(fmt(b["final_val_bpb"], 4) for b in bases)),
+            ("val bpb at the federation's tokens (tokens)", "–",
+             *(f"{fmt(b['val_bpb_at_equal_tokens'], 4)} ({fmt(b['val_bpb_at_equal_tokens_tokens'])})" for b in bases)),
+            ("federated val bpb / this", "–", *(ratio(b) for b in bases)),
+            ("wall time (s)", fmt(run["wall_s"], 1), *(fmt(b["wall_s"], 1) for b in bases)),
+            ("outcome", fmt(run["outcome"]), *("–" for _ in bases))]
+    parts.append(table(("", "federated", *(b["label"] for b in bases)), rows))
     parts.append(table(("simulated clock", ""), [
         ("span", f"{iso(run['sim_start'])} → {iso(run['sim_end'])}"),
         ("speedup (simulated s per wall s)", f"{fmt(run['speedup'], 2)} ({fmt(run['speedup_source'])})"),
@@ -168,19 +177,32 @@ def chromium_binary() -> str:
                             "install Debian's chromium (system-packages.txt)")
 
 
-def render_png(html_path: str | Path, png_path: str | Path, width: int = 1200, height: int = 3000,
-               timeout_s: float = 90.0) -> Path:
-    """A screenshot of a local HTML page by headless Chromium (a fresh profile, no network chatter)."""
-    html_path, png_path = Path(html_path).resolve(), Path(png_path).resolve()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
+def _chromium(html_path: Path, mode: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    """Headless Chromium on a local page (a fresh profile, no network chatter), in `mode` (a screenshot, the DOM)."""
     with tempfile.TemporaryDirectory(prefix="pilot-chromium-") as profile:
         cmd = [chromium_binary(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--hide-scrollbars", f"--user-data-dir={profile}", f"--screenshot={png_path}",
-               f"--window-size={width},{height}", html_path.as_uri()]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+               "--hide-scrollbars", f"--user-data-dir={profile}", *mode, html_path.as_uri()]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+
+
+def render_png(html_path: str | Path, png_path: str | Path, width: int = 1200, height: int = 3000,
+               timeout_s: float = 90.0) -> Path:
+    """A screenshot of a local HTML page by headless Chromium."""
+    html_path, png_path = Path(html_path).resolve(), Path(png_path).resolve()
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    done = _chromium(html_path, [f"--screenshot={png_path}", f"--window-size={width},{height}"], timeout_s)
     if done.returncode != 0 or not png_path.is_file():
         raise RuntimeError(f"chromium could not render {html_path} (exit {done.returncode}): {done.stderr[-800:]}")
     return png_path
+
+
+def rendered_dom(html_path: str | Path, timeout_s: float = 90.0) -> str:
+    """The page's DOM as headless Chromium built it (what a reader's browser shows, as HTML)."""
+    html_path = Path(html_path).resolve()
+    done = _chromium(html_path, ["--dump-dom"], timeout_s)
+    if done.returncode != 0 or "<body" not in done.stdout:
+        raise RuntimeError(f"chromium could not load {html_path} (exit {done.returncode}): {done.stderr[-800:]}")
+    return done.stdout
 
 

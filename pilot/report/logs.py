@@ -4,7 +4,10 @@
     RUN_DIR/logs/steps.jsonl           every optimizer step of every site
     RUN_DIR/logs/energy.jsonl          the curtailment transitions the server read
     RUN_DIR/logs/energy_config.json    the energy simulation's config (sites, powers) plus speedup
-    RUN_DIR/baseline/metrics.jsonl     optional: the centralized baseline (base_train's metrics)
+    RUN_DIR/baseline/metrics.jsonl     optional: the centralized baseline with one site's batch (base_train's
+                                       metrics: K times a site's sequential steps in a K-site round)
+    RUN_DIR/baseline-sites/metrics.jsonl  optional: the centralized baseline with the sites' batch (the
+                                       data-parallel equivalent of the federation)
 
 A line that is not a JSON object, or lacks a field the report needs, is an error naming file:line. One
 exception: a last line without its newline is what a writer killed mid-line leaves behind; it is skipped
@@ -24,6 +27,7 @@ STEPS = Path("logs") / "steps.jsonl"
 ENERGY = Path("logs") / "energy.jsonl"
 ENERGY_CONFIG = Path("logs") / "energy_config.json"
 BASELINE = Path("baseline") / "metrics.jsonl"
+BASELINE_SITES = Path("baseline-sites") / "metrics.jsonl"
 
 # fields the report reads, per file (events: per kind; unknown kinds are kept but not checked)
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -49,6 +53,7 @@ class RunLogs:
     energy: list[dict[str, Any]] | None = None
     energy_config: dict[str, Any] | None = None
     baseline: list[dict[str, Any]] | None = None
+    baseline_sites: list[dict[str, Any]] | None = None
     warnings: list[str] = field(default_factory=list)
     lines: dict[str, int] = field(default_factory=dict)   # relative path -> records read
 
@@ -123,7 +128,8 @@ def read_run(run_dir: str | Path) -> RunLogs:
         raise LogError(f"{run_dir} is not a directory")
     logs = RunLogs(run_dir)
     specs: list[tuple[str, Path, Any]] = [("events", EVENTS, EVENT_FIELDS), ("steps", STEPS, STEP_FIELDS),
-                                          ("energy", ENERGY, ENERGY_FIELDS), ("baseline", BASELINE, BASELINE_FIELDS)]
+                                          ("energy", ENERGY, ENERGY_FIELDS), ("baseline", BASELINE, BASELINE_FIELDS),
+                                          ("baseline_sites", BASELINE_SITES, BASELINE_FIELDS)]
     for attr, rel, required in specs:
         path = run_dir / rel
         if path.is_file():

@@ -206,6 +206,42 @@ def regime_spans(logs: RunLogs, live: Sequence[Span]) -> list[tuple[float, float
     return out
 
 
+# ------------------------------------------------------------------ the centralized baselines
+def baseline_summary(rows: list[dict[str, Any]] | None, tokens: float, label: str) -> dict[str, Any] | None:
+    """A base_train run's figures: its batch and steps, final val bpb and the val bpb nearest the federation's
+    tokens (`tokens`)."""
+    if rows is None:
+        return None
+    series = baseline_series(rows)
+    vals = [r for r in rows if r.get("val_bpb") is not None]
+    at_equal = min(vals, key=lambda r: abs(float(r.get("tokens") or 0.0) - tokens)) if vals else None
+    last_tokens = float(rows[-1].get("tokens") or 0.0)
+    last_step = int(rows[-1].get("step") or len(rows))
+    wall = series["wall_s"] + series["val_wall_s"] if series else []
+    return {"label": label, "steps": last_step, "tokens": last_tokens,
+            "batch_tokens": round(last_tokens / last_step) if last_step else None,
+            "final_val_bpb": float(vals[-1]["val_bpb"]) if vals else None,
+            "wall_s": max(wall) if wall else None,
+            "val_bpb_at_equal_tokens": float(at_equal["val_bpb"]) if at_equal else None,
+            "val_bpb_at_equal_tokens_tokens": float(at_equal.get("tokens") or 0.0) if at_equal else None}
+
+
+def baseline_note(federated: float | None, one_site: dict | None, sites: dict | None) -> str:
+    """How to read federated against the baselines: the gap to the sites' batch is the cost of federating;
+    the gap to one site's batch also holds the cost of fewer sequential optimizer steps."""
+    parts = ["Both baselines train the federation's tokens on the same data. "
+             "One site's batch takes as many sequential optimizer steps as all the sites' steps together "
+             "(K times a site's in a K-site round); the sites' batch takes as many as one site: "
+             "the data-parallel equivalent of the federation (DiLoCo's baseline)."]
+    for name, base in (("the sites' batch", sites), ("one site's batch", one_site)):
+        if federated is not None and base and base.get("final_val_bpb"):
+            gap = federated / base["final_val_bpb"] - 1
+            parts.append(f"Federated final val bpb is {100 * gap:+.1f}% against {name}.")
+    parts.append("A gap to one site's batch that the sites' batch shares is the cost of fewer sequential steps, "
+                 "not of federation.")
+    return " ".join(parts)
+
+
 # ------------------------------------------------------------------ learning curves
 def learning_series(logs: RunLogs) -> dict[str, Any]:
     events = logs.events or []
@@ -232,13 +268,13 @@ def learning_series(logs: RunLogs) -> dict[str, Any]:
             val["wall_s"].append(float(e["wall_ts"]) - t0)
             val["tokens"].append(running)
             val["val_bpb"].append(float(e["val_bpb"]))
-    return {"t0": t0, "steps": per_site, "val": val, "baseline": baseline_series(logs)}
+    return {"t0": t0, "steps": per_site, "val": val, "baseline": baseline_series(logs.baseline),
+            "baseline_sites": baseline_series(logs.baseline_sites)}
 
 
-def baseline_series(logs: RunLogs) -> dict[str, list[float]] | None:
-    if not logs.baseline:
+def baseline_series(rows: list[dict[str, Any]] | None) -> dict[str, list[float]] | None:
+    if not rows:
         return None
-    rows = logs.baseline
     first = rows[0]
     if first.get("wall_ts") is not None:
         t0 = float(first["wall_ts"]) - float(first.get("dt") or 0.0)
@@ -443,21 +479,14 @@ def summarize(logs: RunLogs, intensity: float = DEFAULT_INTENSITY_KG_PER_KWH) ->
         notes.append(f"the regime shading is the server's own log: it follows a window change once the round in "
                      f"progress has ended and the next one is dispatched, a median {median / 60:.1f} simulated "
                      f"minutes later{wall}; the windows themselves are drawn where the energy simulation put them")
-    # -------- baseline
-    base_series = baseline_series(logs)
-    baseline: dict[str, Any] | None = None
-    if logs.baseline is None:
-        notes.append("no centralized baseline (baseline/metrics.jsonl): federated curves only")
+    # -------- the centralized baselines: one site's batch, and the sites' batch (same tokens, fewer steps)
+    baseline = baseline_summary(logs.baseline, tokens, "centralized, one site's batch")
+    baseline_sites = baseline_summary(logs.baseline_sites, tokens, "centralized, the sites' batch")
+    if baseline is None and baseline_sites is None:
+        notes.append("no centralized baseline (baseline/metrics.jsonl, baseline-sites/metrics.jsonl): federated "
+                     "curves only")
     else:
-        rows = logs.baseline
-        bvals = [r for r in rows if r.get("val_bpb") is not None]
-        at_equal = min(bvals, key=lambda r: abs(float(r.get("tokens") or 0.0) - tokens)) if bvals else None
-        bwall = base_series["wall_s"] + base_series["val_wall_s"] if base_series else []
-        baseline = {"steps": len(rows), "tokens": float(rows[-1].get("tokens") or 0.0),
-                    "final_val_bpb": float(bvals[-1]["val_bpb"]) if bvals else None,
-                    "wall_s": max(bwall) if bwall else None,
-                    "val_bpb_at_equal_tokens": float(at_equal["val_bpb"]) if at_equal else None,
-                    "val_bpb_at_equal_tokens_tokens": float(at_equal.get("tokens") or 0.0) if at_equal else None}
+        notes.append(baseline_note(run.get("final_val_bpb"), baseline, baseline_sites))
     # -------- per site
     per_site: dict[str, Any] = {}
     for site in sites:
@@ -491,7 +520,7 @@ def summarize(logs: RunLogs, intensity: float = DEFAULT_INTENSITY_KG_PER_KWH) ->
         "run_dir": str(logs.run_dir), "generated_wall_ts": time.time(),
         "inputs": dict(logs.lines) | {"logs/energy_config.json": logs.energy_config is not None},
         "notes": notes, "warnings": list(logs.warnings),
-        "run": run, "baseline": baseline, "sites": per_site, "utilisation": utilisation,
+        "run": run, "baseline": baseline, "baseline_sites": baseline_sites, "sites": per_site, "utilisation": utilisation,
         "energy": energy, "emissions": emissions,
     }
     drawing = {"sites": sites, "windows": windows, "training": training, "regimes": regimes, "horizon": horizon,
