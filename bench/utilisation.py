@@ -402,6 +402,20 @@ def analyse(out: Outcome) -> dict:
             "steps": {site: len(steps_of.get(site, [])) for site in sites}}
 
 
+SPANS = {"set_up": "site-result", "upload": "site-result", "aggregate": "round-end", "evaluate": "round-end",
+         "checkpoint": "round-end"}   # span -> the event whose `{span}_s` field holds it
+
+
+def span_means(events: list[dict]) -> dict[str, float | None]:
+    """Mean seconds of each measured span over rounds 2..N (round 1 holds the start-up)."""
+    out = {}
+    for span, kind in SPANS.items():
+        vals = [float(e[f"{span}_s"]) for e in events
+                if e["kind"] == kind and e.get(f"{span}_s") is not None and int(e.get("round", 0)) > 1]
+        out[span] = statistics.mean(vals) if vals else None
+    return out
+
+
 def fmt(x: float | None, width: int = 8, digits: int = 1) -> str:
     return f"{'-':>{width}}" if x is None else f"{x:>{width}.{digits}f}"
 
@@ -452,8 +466,15 @@ def report(case: Case, outcomes: list[Outcome], model_bytes: int, args) -> None:
                 vals = a["phases"][other][p]
                 cells.append(f"{fmt(statistics.mean(vals) if vals else None, 7)}".rjust(16) + "")
             print(f"  {'  ' + other:<10}{''.join(cells)}")
-    print("  not in the logs, so not shown apart: aggregate, publish, evaluate (eval-tokens=0 here), checkpoint "
-          "as separate spans; fetch vs data set-up; encode vs upload")
+    print("\n  measured spans, mean over rounds 2..N (the run's own timers: site-result set_up_s / upload_s of "
+          "every site, round-end aggregate_s / evaluate_s / checkpoint_s of the server):")
+    print(f"  {'':<10}" + "".join(f"{name:>14}" for name in SPANS))
+    for o in outcomes:
+        if o.events:
+            cells = [fmt(v, 14, 2) for v in span_means(o.events).values()]
+            print(f"  {o.label:<10}{''.join(cells)}")
+    print("  set_up: weights fetch + data set-up before the first step (on the path in sync mode, in the background "
+          "in overlap); upload: encode + upload (sync); evaluate and checkpoint run off the path (after-round worker)")
     print(f"\n  peak RSS per process (GB; one fp32 model = {model_bytes / GiB:.2f} GB):")
     roles = sorted({r for o in outcomes for r in o.peak_rss})
     print(f"  {'':<24}" + "".join(f"{o.label:>10}" for o in outcomes))

@@ -123,6 +123,14 @@ def check_run_logs(run_dir, stream_events: list[dict]) -> None:
     ends = [e for e in events if e["kind"] == "round-end"]
     assert sum(e["tokens"] for e in ends) == ends[-1]["total_tokens"]
     assert all(isinstance(e["sites"], list) for e in ends)
+    # the phases are timed where they happen: a site's set-up and upload, the server's aggregation, and its
+    # evaluation and checkpoint (off the path), each within the round's own span
+    for r in results:   # (sync rounds: the upload is on the path when the site took a step)
+        assert 0 <= r["set_up_s"] <= r["seconds_total"], r
+        assert (r["upload_s"] is not None) == (r["steps"] > 0) and 0 <= (r["upload_s"] or 0) <= r["seconds_total"], r
+    for e in ends:
+        assert e["aggregate_s"] >= 0 and e["checkpoint_s"] > 0 and e["evaluate_s"] >= 0, e
+        assert (e["evaluate_s"] > 0) == (e["val_bpb"] is not None), e
     energy = read_jsonl(logs / "energy.jsonl")
     openings = [(e["site"], e["sim_ts"]) for e in energy if e["curtailed"] == 1]
     assert len(openings) == sum(len(p - q) for p, q in zip(PHASES, [set()] + PHASES[:-1], strict=True))

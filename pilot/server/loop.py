@@ -220,9 +220,12 @@ class Federation:
                       seconds_training=result.seconds_training, seconds_total=result.seconds_total,
                       wall_start=wall_start, wall_end=wall_end,
                       sim_start=self.clock.time_at(wall_start) if wall_start else None,
-                      sim_end=self.clock.time_at(wall_end) if wall_end else None)
+                      sim_end=self.clock.time_at(wall_end) if wall_end else None,
+                      set_up_s=result.extra.get("set_up_s"), upload_s=result.extra.get("upload_s"))
+        aggregating = time.monotonic()
         tokens = self.model.aggregate(number, results, assignments, self.store,
                                       span=(current.started_at, self.clock.now()))
+        aggregate_s = time.monotonic() - aggregating
         self.blob_tokens.close_round(number)
         # uploads are averaged in; the next round publishes anew (or names the adopted solo upload)
         self.store.retain({self.model.adopted} if self.model.adopted else set())
@@ -233,15 +236,16 @@ class Federation:
             trainers={s: [r.trainer_pid, r.trainer_step] for s, r in results.items()},
             busy={s: round(r.seconds_training / max(r.seconds_total, 1e-9), 3)
                   for s, r in results.items() if r.status == "ok"},
-            training_s={s: round(r.seconds_training, 3) for s, r in results.items()})
+            training_s={s: round(r.seconds_training, 3) for s, r in results.items()},
+            aggregate_s=round(aggregate_s, 3))   # decode, check and average the uploads, the outer step
         self.after_round.submit(self.model.snapshot(), evaluate=bool(tokens))
         if not any(r.status == "ok" for r in results.values()):
             self.clock.wait_for_news(block_ms=2000)  # every site failed: do not hammer them in a tight loop
 
-    def _round_saved(self, number: int, val_bpb: float | None, path: Path) -> None:
+    def _round_saved(self, number: int, val_bpb: float | None, path: Path, seconds: dict[str, float]) -> None:
         fields = self.round_end.pop(number)
         self.emit("round-end", **{**fields, "val_bpb": round(val_bpb, 4) if val_bpb is not None else None,
-                                  "checkpoint": path.name})
+                                  "checkpoint": path.name, **seconds})   # evaluate_s, checkpoint_s (off the path)
 
     def _round_save_failed(self, number: int, error: BaseException) -> None:
         fields = self.round_end.pop(number)

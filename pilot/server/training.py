@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from logging import WARNING
@@ -28,7 +29,13 @@ from pilot.dataplane import payload
 from pilot.dataplane.store import BlobStore
 from pilot.protocol import RoundResult
 from pilot.server import checkpoint
-from pilot.server.aggregation import OuterOptimizer, RejectedUpdate, average_updates, check_update, round_fraction
+from pilot.server.aggregation import (
+    OuterOptimizer,
+    RejectedUpdate,
+    average_updates,
+    check_update,
+    round_fraction,
+)
 from pilot.server.checkpoint import GlobalState
 from pilot.server.ledger import Assignment, Ledger
 from pilot.settings import ModelGroup, RoundGroup
@@ -215,7 +222,7 @@ class AfterRound:
     while the next round already trains. One job at a time, in order; a job waits for the one before it
     (so checkpoints are written in round order and at most one snapshot is in flight)."""
 
-    def __init__(self, model: GlobalModel, on_done: Callable[[int, float | None, Path], None],
+    def __init__(self, model: GlobalModel, on_done: Callable[[int, float | None, Path, dict[str, float]], None],
                  on_error: Callable[[int, BaseException], None], still_current: Callable[[], bool] = lambda: True):
         self.model, self.on_done, self.on_error = model, on_done, on_error
         self.still_current = still_current   # a superseded server (a later one claimed the run) writes no checkpoint
@@ -228,12 +235,15 @@ class AfterRound:
 
     def _run(self, state: GlobalState, evaluate: bool) -> None:
         try:
+            began = time.monotonic()
             val_bpb = self.model.evaluate(state.weights) if evaluate else None
+            evaluated = time.monotonic()
             if not self.still_current():
                 log(WARNING, "pilot: round %d not checkpointed: a later server took the run over", state.round)
                 return
             path = self.model.save(state, val_bpb)
-            self.on_done(state.round, val_bpb, path)
+            self.on_done(state.round, val_bpb, path, {"evaluate_s": round(evaluated - began, 3),
+                                                      "checkpoint_s": round(time.monotonic() - evaluated, 3)})
         except BaseException as error:  # noqa: BLE001 - reported; the next job or drain() goes on
             self.on_error(state.round, error)
 

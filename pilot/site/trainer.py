@@ -371,6 +371,7 @@ class SiteTrainer:
             # anchor) are dropped with the anchor, and their rows stay uncommitted for whoever trains them next
             log(f"round {request.round}: {reason}: {carry.steps} carried step(s) dropped")
             carry, self.anchor, self.last_digest = None, None, ""
+        setting_up = time.perf_counter()
         if not reason:
             if carry is not None:
                 self._fetch_in_background(request)
@@ -380,6 +381,7 @@ class SiteTrainer:
                     self.anchor = self.round_start if self.round_start is not None else self.trainer.get_weights()
                     self.round_start = None
             self._set_data(request, carried=carry is not None)
+        set_up_s = time.perf_counter() - setting_up   # the weights fetch (on the path in sync mode) and the data
         trainer.step_count = request.schedule_step + (carry.steps if carry else 0)
         steps = carry.steps if carry else 0
         tokens = carry.tokens if carry else 0
@@ -430,7 +432,7 @@ class SiteTrainer:
             world_size=self.info.world_size, exhausted=exhausted, trainer_pid=os.getpid(),
             seconds_training=training_s,
             extra={"stopped_at": stopped_at, "wall_start": wall_start, "carried_steps": carry.steps if carry else 0,
-                   "spares": spares})
+                   "spares": spares, "set_up_s": round(set_up_s, 3)})
         if overlap and steps > 0 and broadcast_json(self.anchor is not None and self._may_carry_on(reason), self.info):
             # hand the update in on a thread and train on: the result reaches the outbox once it is uploaded
             self._hand_in_in_background(request, result, started)
@@ -442,7 +444,9 @@ class SiteTrainer:
         if steps > 0:  # with no step taken the model still holds the global weights it was sent
             if overlap and self.info.rank == 0 and self.anchor is not None:
                 self.round_start, self.anchor = self.anchor, None   # the sync path hands in from the anchor
+            uploading = time.perf_counter()
             digest = agreed(self.info, "uploading the round's update", self._upload, request)
+            result.extra["upload_s"] = round(time.perf_counter() - uploading, 3)   # encode + upload, on the path
             self.round_start = None
             self.last_digest = broadcast_json(digest, self.info)
         result.weights_digest = self.last_digest
