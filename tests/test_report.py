@@ -137,26 +137,26 @@ def make_run(root: Path) -> tuple[Path, dict]:
               "sites": [{"name": n, **s} for n, s in SITES.items()], "speedup": SPEEDUP,
               "scenario_path": str(root / "scenario.toml")}
     (run / "logs" / "energy_config.json").write_text(json.dumps(config))
-    baseline = []
-    for step in range(1, 201):
-        row = {"step": step, "loss": 6.0 - 0.01 * step, "lrm": 1.0, "tokens": step * 4096, "dt": 1.5,
-               "wall_ts": W0 + 1000 + 1.5 * step}
-        if step % 50 == 0:
-            row["val_bpb"] = 3.0 - step / 200
-        baseline.append(row)
-    write_jsonl(run / "baseline" / "metrics.jsonl", baseline)
-    sites_batch = []   # the sites' batch: half the steps of twice the tokens each, the same tokens in all
-    for step in range(1, 101):
-        row = {"step": step, "loss": 6.0 - 0.015 * step, "lrm": 1.0, "tokens": step * 8192, "dt": 2.5,
-               "wall_ts": W0 + 1000 + 2.5 * step}
-        if step % 25 == 0:
-            row["val_bpb"] = 3.0 - step / 80
-        sites_batch.append(row)
-    write_jsonl(run / "baseline-sites" / "metrics.jsonl", sites_batch)
+    # base_train's metrics: one site's batch, and the sites' batch (half the steps of twice the tokens)
+    write_jsonl(run / "baseline" / "metrics.jsonl", base_train_rows(200, 4096, 1.5, 0.01, lambda step: 3.0 - step / 200))
+    write_jsonl(run / "baseline-sites" / "metrics.jsonl",
+                base_train_rows(100, 8192, 2.5, 0.015, lambda step: 3.0 - step / 80))
     truth["total_tokens"] = total_tokens
     truth["rounds"] = number
     truth["final_val"] = val
     return run, truth
+
+
+def base_train_rows(steps: int, batch: int, dt: float, slope: float, val_bpb) -> list[dict]:
+    """scripts.base_train's metrics.jsonl: a row a step, val_bpb(step) at every quarter of the steps."""
+    rows = []
+    for step in range(1, steps + 1):
+        row = {"step": step, "loss": 6.0 - slope * step, "lrm": 1.0, "tokens": step * batch, "dt": dt,
+               "wall_ts": W0 + 1000 + dt * step}
+        if step % (steps // 4) == 0:
+            row["val_bpb"] = val_bpb(step)
+        rows.append(row)
+    return rows
 
 
 @pytest.fixture(scope="module")
