@@ -111,3 +111,23 @@ def test_a_rounds_fraction_is_its_time_or_with_round_steps_its_steps():
     assert round_fraction(5.0, 1e9, mean_steps=25, round_steps=25) == 1.0
     assert round_fraction(5.0, 1e9, mean_steps=10, round_steps=25) == 0.4
     assert round_fraction(5.0, 1e9, mean_steps=0, round_steps=25) == 1 / 25   # never a zero step
+
+
+def test_the_running_mean_is_the_token_weighted_mean_in_one_copy():
+    from pilot.server.aggregation import RunningMean
+
+    G = weights(0)
+    deltas = {"a": weights(1), "b": {k: v.to(torch.bfloat16) for k, v in weights(2).items()}, "c": weights(3)}
+    tokens = {"a": 100, "b": 300, "c": 0}
+    running = RunningMean(G)
+    for site in ("b", "c", "a"):   # in whatever order they arrive
+        running.add(site, deltas[site], tokens[site])
+    assert running.sites == ["b", "a"] and running.tokens == 400   # no tokens, no weight
+    expected = average_updates(deltas, tokens, G)
+    got = running.mean()
+    for name in G:
+        assert got[name].dtype == torch.float32
+        torch.testing.assert_close(got[name], expected[name])
+        torch.testing.assert_close(got[name], 0.25 * deltas["a"][name] + 0.75 * deltas["b"][name].float())
+    with pytest.raises(ValueError, match="nothing to average"):
+        RunningMean(G).mean()

@@ -88,6 +88,37 @@ def average_updates(updates: Mapping[str, Tensors], tokens: Mapping[str, int], r
     return mean
 
 
+class RunningMean:
+    """The token-weighted mean of pseudo-gradients, built as they arrive: one fp32 model copy however many sites
+    (a site's update is added, tensor by tensor, and can be let go of at once). Equal to `average_updates` up
+    to float rounding (it sums tokens x delta and divides once)."""
+
+    def __init__(self, reference: Tensors):
+        self.reference = reference
+        self.sum: dict[str, torch.Tensor] | None = None
+        self.tokens = 0
+        self.sites: list[str] = []
+
+    def add(self, site: str, delta: Tensors, tokens: int) -> None:
+        if tokens <= 0:
+            return   # no tokens, no weight
+        if self.sum is None:
+            self.sum = {name: torch.zeros(ref.shape, dtype=torch.float32) for name, ref in self.reference.items()}
+        for name, value in delta.items():
+            self.sum[name].add_(value.to(torch.float32), alpha=float(tokens))
+        self.tokens += tokens
+        self.sites.append(site)
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        """The mean (in the sum's own tensors: the running mean is used up)."""
+        if self.sum is None or self.tokens == 0:
+            raise ValueError("no update carries any tokens: nothing to average")
+        out, self.sum = self.sum, None
+        for tensor in out.values():
+            tensor.div_(self.tokens)
+        return out
+
+
 @dataclass
 class OuterOptimizer:
     """The server's optimizer over pseudo-gradients; its momentum is part of the global state."""

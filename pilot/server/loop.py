@@ -17,6 +17,8 @@ Every decision goes to the event sink (runlog.ServerEvents): the console, the ru
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from logging import WARNING
 from pathlib import Path
 
@@ -211,7 +213,19 @@ class Federation:
                   shards={s: a.shards for s, a in assignments.items()})
         nodes = {site: message.metadata.dst_node_id for site, message in messages.items()}
         ids = dict(zip(self.grid.push_messages(messages.values()), messages, strict=True))  # message id -> site
-        results, stop_reason = self.collect(number, current, members, ids, nodes)
+        # each result is taken into the global model as it arrives (a worker thread), while others still train
+        intake = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake")
+        taking: list[Future] = []
+
+        def arrived(site: str, result: RoundResult) -> None:
+            taking.append(intake.submit(self.model.take, number, site, result, assignments[site], self.store))
+
+        try:
+            results, stop_reason = self.collect(number, current, members, ids, nodes, arrived)
+        finally:
+            intake.shutdown(wait=True)
+        for job in taking:
+            job.result()   # an unexpected error in taking a result in ends the round here, as it would have
         self.runlog.drain_steps(ids.values())
         for site, result in sorted(results.items()):
             wall_start, wall_end = result.extra.get("wall_start"), result.extra.get("wall_end")
@@ -253,11 +267,20 @@ class Federation:
         self.emit("checkpoint-failed", round=number, error=f"{type(error).__name__}: {error}")
 
     def collect(self, number: int, current: policy.Round, members: frozenset[str], ids: dict[str, str],
-                nodes: dict[str, int]) -> tuple[dict[str, RoundResult], str]:
-        """Wait for the round's results, ending the round (its stop key) when the policy says so."""
+                nodes: dict[str, int], arrived: Callable[[str, RoundResult], None] = lambda site, result: None,
+                ) -> tuple[dict[str, RoundResult], str]:
+        """Wait for the round's results, ending the round (its stop key) when the policy says so; `arrived` is
+        told of each result as it comes in."""
         grace = self.settings.rounds.stop_grace
         results: dict[str, RoundResult] = {}
         stop_reason, stop_sent = "", None
+        told: set[str] = set()
+
+        def tell() -> None:
+            for site in sorted(results.keys() - told):
+                told.add(site)
+                arrived(site, results[site])
+
         while len(results) < len(ids):
             pending = [i for i, s in ids.items() if s not in results]
             for reply in self.grid.pull_messages(pending):
@@ -276,6 +299,7 @@ class Federation:
                 result = self.result_in_outbox(site, number)
                 if result is not None:
                     results[site] = result
+            tell()
             if len(results) == len(ids):
                 break
             if stop_sent is None:
@@ -295,6 +319,7 @@ class Federation:
                 for site in set(ids.values()) - set(results):
                     results[site] = RoundResult(round=number, site=site, status="error",
                                                 reason=f"no result {grace} s after the stop")
+                tell()
                 break
             self.runlog.drain_steps(ids.values())
             self.clock.wait_for_news(block_ms=int(POLL_S * 1000))

@@ -32,7 +32,7 @@ from pilot.server import checkpoint
 from pilot.server.aggregation import (
     OuterOptimizer,
     RejectedUpdate,
-    average_updates,
+    RunningMean,
     check_update,
     round_fraction,
 )
@@ -59,6 +59,7 @@ class GlobalModel:
         self._open(rounds)
         self.eval_model = None
         self.adopted = ""    # digest of the uploaded blob that is the global model as it is (a solo result)
+        self._intake: dict | None = None   # the round's results taken in so far (take / aggregate)
 
     # -------------------------------------------------------------- setup
     def _plan(self, model: ModelGroup, nproc: int) -> None:
@@ -117,62 +118,86 @@ class GlobalModel:
         return self.steps_done >= self.horizon
 
     # -------------------------------------------------------------- a round's work
+    def take(self, number: int, site: str, result: RoundResult, assignment: Assignment, store: BlobStore) -> None:
+        """Take one site's result of round `number` in as it arrives (while other sites still train): a failure
+        releases its shards; an update is read, checked and, from the second one on, added to the round's
+        running mean (one fp32 copy however many sites) and its blob let go of. `aggregate` finishes the round."""
+        if self._intake is None or self._intake["round"] != number:
+            self._intake = {"round": number, "taken": set(), "tokens": {}, "first": None,
+                            "mean": RunningMean(self.state.weights)}
+        intake = self._intake
+        intake["taken"].add(site)
+        if result.status != "ok":
+            if result.extra.get("shard"):   # a file the site could not read: others first, for that site
+                self.ledger.mark_unreadable(result.extra["shard"], site)
+            released = self.ledger.release(site)
+            self.emit("site-failed", round=number, site=site, reason=result.reason, reissued=released,
+                      unreadable=result.extra.get("shard"))
+            return
+        if result.exhausted:  # its shards are trained to the end (a rejected update's rows are not redone)
+            self.ledger.finish(shards_trained(assignment, result))
+        if result.steps == 0:
+            return
+        blob = store.get(result.weights_digest)
+        try:
+            if blob is None:
+                raise RejectedUpdate(f"weights {result.weights_digest[:12]} were never uploaded")
+            try:
+                kind, tensors = payload.read_update(blob)
+            except ValueError as error:
+                raise RejectedUpdate(str(error)) from error
+            check_update(tensors, self.state.weights, result.tokens)
+        except RejectedUpdate as error:
+            self.emit("update-rejected", round=number, site=site, reason=error)
+            self.ledger.release(site)
+            return
+        intake["tokens"][site] = result.tokens
+        if intake["first"] is None:   # held as it is: a lone update is adopted, not averaged
+            intake["first"] = (site, kind, tensors, result.weights_digest)
+            return
+        mean = intake["mean"]
+        if not mean.sites:
+            first_site, first_kind, first_tensors, first_digest = intake["first"]
+            mean.add(first_site, payload.as_delta(first_tensors, self.state.weights, first_kind),
+                     intake["tokens"][first_site])
+            store.pop(first_digest)
+        mean.add(site, payload.as_delta(tensors, self.state.weights, kind), result.tokens)
+        store.pop(result.weights_digest)
+
     def aggregate(self, number: int, results: Mapping[str, RoundResult], assignments: Mapping[str, Assignment],
                   store: BlobStore, span: tuple[float, float] = (0.0, 0.0)) -> dict[str, int]:
-        """Fold a round's results into the global model; commit the ledger; returns tokens by site aggregated.
+        """Fold a round's results into the global model (those not taken in yet first); commit the ledger;
+        returns tokens by site aggregated.
 
         One site (the solo regime, or the only one left): plain training, no outer step; its weights are the
         new global model, adopted as uploaded (a weights-fp32 update, which solo rounds ask for: the site then
         holds exactly the global model and fetches nothing next round, and the server hashes nothing). Several:
-        their pseudo-gradients, averaged in fp32 weighted by tokens, go through the outer optimizer, its step
-        weighted by the round's length (`span`, simulated seconds) against round-duration (with round-steps: the
-        sites' mean steps against round-steps)."""
-        updates, kinds, tokens = {}, {}, {}
+        their pseudo-gradients, averaged in fp32 weighted by tokens as they arrived, go through the outer
+        optimizer, its step weighted by the round's length (`span`, simulated seconds) against round-duration
+        (with round-steps: the sites' mean steps against round-steps)."""
         for site, result in sorted(results.items()):
-            if result.status != "ok":
-                if result.extra.get("shard"):   # a file the site could not read: others first, for that site
-                    self.ledger.mark_unreadable(result.extra["shard"], site)
-                released = self.ledger.release(site)
-                self.emit("site-failed", round=number, site=site, reason=result.reason, reissued=released,
-                          unreadable=result.extra.get("shard"))
-                continue
-            if result.exhausted:  # its shards are trained to the end (a rejected update's rows are not redone)
-                self.ledger.finish(shards_trained(assignments[site], result))
-            if result.steps == 0:
-                continue
-            blob = store.get(result.weights_digest)
-            try:
-                if blob is None:
-                    raise RejectedUpdate(f"weights {result.weights_digest[:12]} were never uploaded")
-                try:
-                    kind, tensors = payload.read_update(blob)
-                except ValueError as error:
-                    raise RejectedUpdate(str(error)) from error
-                check_update(tensors, self.state.weights, result.tokens)
-            except RejectedUpdate as error:
-                self.emit("update-rejected", round=number, site=site, reason=error)
-                self.ledger.release(site)
-                continue
-            updates[site], kinds[site], tokens[site] = tensors, kind, result.tokens
+            if self._intake is None or self._intake["round"] != number or site not in self._intake["taken"]:
+                self.take(number, site, result, assignments[site], store)
+        intake, self._intake = self._intake, None
+        tokens = dict(intake["tokens"]) if intake else {}
         self.adopted = ""
-        if len(updates) == 1:
-            ((site, update),) = updates.items()
+        if intake and intake["first"] is not None and not intake["mean"].sites:
+            site, kind, update, digest = intake["first"]
             # a weights-fp32 payload decodes to the uploaded blob's own tensors: they become the global model
             # as they are (the store keeps that blob; nothing writes into a blob's tensors)
-            self.state.weights = payload.decode_update(update, self.state.weights, kinds[site])
-            if kinds[site] == "weights-fp32":
-                self.adopted = results[site].weights_digest
-        elif updates:
-            deltas = {s: payload.as_delta(u, self.state.weights, kinds[s]) for s, u in updates.items()}
+            self.state.weights = payload.decode_update(update, self.state.weights, kind)
+            if kind == "weights-fp32":
+                self.adopted = digest
+        elif intake and intake["mean"].sites:
             start, end = span
             fraction = round_fraction(end - start, self.rounds.round_duration,
-                                      sum(results[s].steps for s in updates) / len(updates), self.rounds.round_steps)
+                                      sum(results[s].steps for s in tokens) / len(tokens), self.rounds.round_steps)
             last = self.state.info.get("outer_sim_ts")   # end of the last federated round
             idle = max(0.0, (start - last) / self.rounds.round_duration) if last else 0.0
-            self.state.weights = self.outer.step(self.state.weights, average_updates(deltas, tokens, self.state.weights),
-                                                 fraction=fraction, idle=idle)
+            self.state.weights = self.outer.step(self.state.weights, intake["mean"].mean(), fraction=fraction,
+                                                 idle=idle)
             self.state.info["outer_sim_ts"] = end
-        for site in updates:
+        for site in tokens:
             result, assignment = results[site], assignments[site]
             if not result.exhausted and result.cursors:
                 self.ledger.commit(site, shards_trained(assignment, result), result.cursors, result.world_size)
