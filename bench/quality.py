@@ -277,6 +277,8 @@ def main() -> None:
     p.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="cores the sites share (H calibration)")
     p.add_argument("--work", type=Path, help="keep every run here (default: a temporary directory)")
     p.add_argument("--json", type=Path, help="write the results here as JSON")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse centralized runs that finished in --work (same settings) instead of training them again")
     a = p.parse_args()
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))   # run the cleanups below
     quick = dict(depth=2, seq_len=128, site_batch=1024, tokens=150_000, eval_tokens=16384)
@@ -303,9 +305,12 @@ def main() -> None:
         jobs.update({f"b{k}": (f"(b) centralized, K={k} sites' batch", k) for k in ks})
         print(f"centralized runs {', '.join(jobs)} side by side ...", flush=True)
         started = time.monotonic()
-        procs = {name: centralized(work, name, data, tok, a, k) for name, (_, k) in jobs.items()}
+        done = {name for name in jobs if a.reuse and (work / name / "final_model.safetensors").is_file()}
+        if done:
+            print(f"  reusing the finished {', '.join(sorted(done))} in {work}", flush=True)
+        procs = {name: centralized(work, name, data, tok, a, k) for name, (_, k) in jobs.items() if name not in done}
         try:
-            rcs = {name: proc.wait() for name, proc in procs.items()}
+            rcs = {name: proc.wait() for name, proc in procs.items()} | dict.fromkeys(done, 0)
         finally:   # interrupted (Ctrl-C, SIGTERM): no orphaned training runs
             for proc in procs.values():
                 if proc.poll() is None:
