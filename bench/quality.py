@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
+
+from pilot.coordination import free_port, wait_for_port  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,6 @@ class Result:
     wall_s: float = 0.0
     steps: str = ""              # sequential optimizer steps (centralized) or mean H and rounds (federated)
     error: str = ""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------ data and the one evaluator
@@ -175,7 +170,7 @@ def deployment(work: Path, run_id: str, sites: int, run_config: list[str], timeo
             stdout=log, stderr=subprocess.STDOUT, env=env))
     run_dir = work / run_id
     try:
-        time.sleep(3)
+        wait_for_port(port)   # a loaded machine takes seconds: `flwr run` before it fails at once
         run = subprocess.run([str(BIN / "flwr"), "run", ".", "d", "--stream", "--run-config",
                               " ".join([f'run-id="{run_id}"', f'run-dir="{run_dir}"', *run_config])],
                              stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, timeout=timeout)
