@@ -9,7 +9,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from logging import WARNING
 from pathlib import Path
 
@@ -47,6 +47,25 @@ def shards_trained(assignment: Assignment, result: RoundResult) -> list[str]:
     return [*assignment.shards, *spares]
 
 
+@dataclass
+class HeldUpdate:
+    """A round's first update, held as it was read: adopted as it is if it stays the only one."""
+    site: str
+    kind: str
+    tensors: dict
+    digest: str
+
+
+@dataclass
+class RoundIntake:
+    """One round's results taken in so far: which sites, their tokens, the first update, the running mean."""
+    round: int
+    mean: RunningMean
+    taken: set[str] = field(default_factory=set)
+    tokens: dict[str, int] = field(default_factory=dict)
+    first: HeldUpdate | None = None
+
+
 class GlobalModel:
     """The run's global model and everything that moves it."""
 
@@ -59,7 +78,7 @@ class GlobalModel:
         self._open(rounds)
         self.eval_model = None
         self.adopted = ""    # digest of the uploaded blob that is the global model as it is (a solo result)
-        self._intake: dict | None = None   # the round's results taken in so far (take / aggregate)
+        self._intake: RoundIntake | None = None   # the round's results taken in so far (take / aggregate)
 
     # -------------------------------------------------------------- setup
     def _plan(self, model: ModelGroup, nproc: int) -> None:
@@ -122,11 +141,10 @@ class GlobalModel:
         """Take one site's result of round `number` in as it arrives (while other sites still train): a failure
         releases its shards; an update is read, checked and, from the second one on, added to the round's
         running mean (one fp32 copy however many sites) and its blob let go of. `aggregate` finishes the round."""
-        if self._intake is None or self._intake["round"] != number:
-            self._intake = {"round": number, "taken": set(), "tokens": {}, "first": None,
-                            "mean": RunningMean(self.state.weights)}
+        if self._intake is None or self._intake.round != number:
+            self._intake = RoundIntake(number, RunningMean(self.state.weights))
         intake = self._intake
-        intake["taken"].add(site)
+        intake.taken.add(site)
         if result.status != "ok":
             if result.extra.get("shard"):   # a file the site could not read: others first, for that site
                 self.ledger.mark_unreadable(result.extra["shard"], site)
@@ -151,16 +169,15 @@ class GlobalModel:
             self.emit("update-rejected", round=number, site=site, reason=error)
             self.ledger.release(site)
             return
-        intake["tokens"][site] = result.tokens
-        if intake["first"] is None:   # held as it is: a lone update is adopted, not averaged
-            intake["first"] = (site, kind, tensors, result.weights_digest)
+        intake.tokens[site] = result.tokens
+        if intake.first is None:   # held as it is: a lone update is adopted, not averaged
+            intake.first = HeldUpdate(site, kind, tensors, result.weights_digest)
             return
-        mean = intake["mean"]
+        mean, first = intake.mean, intake.first
         if not mean.sites:
-            first_site, first_kind, first_tensors, first_digest = intake["first"]
-            mean.add(first_site, payload.as_delta(first_tensors, self.state.weights, first_kind),
-                     intake["tokens"][first_site])
-            store.pop(first_digest)
+            mean.add(first.site, payload.as_delta(first.tensors, self.state.weights, first.kind),
+                     intake.tokens[first.site])
+            store.pop(first.digest)
         mean.add(site, payload.as_delta(tensors, self.state.weights, kind), result.tokens)
         store.pop(result.weights_digest)
 
@@ -176,25 +193,25 @@ class GlobalModel:
         optimizer, its step weighted by the round's length (`span`, simulated seconds) against round-duration
         (with round-steps: the sites' mean steps against round-steps)."""
         for site, result in sorted(results.items()):
-            if self._intake is None or self._intake["round"] != number or site not in self._intake["taken"]:
+            if self._intake is None or self._intake.round != number or site not in self._intake.taken:
                 self.take(number, site, result, assignments[site], store)
         intake, self._intake = self._intake, None
-        tokens = dict(intake["tokens"]) if intake else {}
+        tokens = dict(intake.tokens) if intake else {}
         self.adopted = ""
-        if intake and intake["first"] is not None and not intake["mean"].sites:
-            site, kind, update, digest = intake["first"]
+        if intake and intake.first is not None and not intake.mean.sites:
+            first = intake.first
             # a weights-fp32 payload decodes to the uploaded blob's own tensors: they become the global model
             # as they are (the store keeps that blob; nothing writes into a blob's tensors)
-            self.state.weights = payload.decode_update(update, self.state.weights, kind)
-            if kind == "weights-fp32":
-                self.adopted = digest
-        elif intake and intake["mean"].sites:
+            self.state.weights = payload.decode_update(first.tensors, self.state.weights, first.kind)
+            if first.kind == "weights-fp32":
+                self.adopted = first.digest
+        elif intake and intake.mean.sites:
             start, end = span
             fraction = round_fraction(end - start, self.rounds.round_duration,
                                       sum(results[s].steps for s in tokens) / len(tokens), self.rounds.round_steps)
             last = self.state.info.get("outer_sim_ts")   # end of the last federated round
             idle = max(0.0, (start - last) / self.rounds.round_duration) if last else 0.0
-            self.state.weights = self.outer.step(self.state.weights, intake["mean"].mean(), fraction=fraction,
+            self.state.weights = self.outer.step(self.state.weights, intake.mean.mean(), fraction=fraction,
                                                  idle=idle)
             self.state.info["outer_sim_ts"] = end
         for site in tokens:
