@@ -36,7 +36,7 @@ from pilot.protocol import RESULT_KEY, ROUND_KEY, RoundRequest, RoundResult
 from pilot.provision.run import start_provisioning
 from pilot.server import policy
 from pilot.server.clock import EnergyClock
-from pilot.server.incarnation import Incarnation
+from pilot.server.incarnation import Incarnation, link_probe
 from pilot.server.ledger import SHARDS_PER_SITE, SPARES_PER_SITE
 from pilot.server.roster import Roster
 from pilot.server.runlog import RunLog, ServerEvents
@@ -63,7 +63,9 @@ class Federation:
         self.redis_url = coordination.resolve_url(run.redis_url, run_dir=self.run_dir)
         self.r = coordination.connect(self.redis_url)
         # claim the run before reading its checkpoint: an earlier incarnation still alive writes nothing after this
-        self.incarnation = Incarnation(self.r, self.run_id)
+        # and it ends if its SuperLink goes (Flower 1.42's HttpGrid keeps the runtime API's "host:port" in _addr;
+        # a grid without one, the in-process simulation's, needs no lifeline)
+        self.incarnation = Incarnation(self.r, self.run_id, lifeline=link_probe(getattr(grid, "_addr", None)))
         self.server_id = self.incarnation.id
         self.runlog = RunLog(self.run_dir, self.run_id, self.r, lambda wall_ts: self.clock.time_at(wall_ts),
                              wandb_mode=run.wandb_mode)
