@@ -3,8 +3,9 @@
 the recommended setting) or in memory (Flower's default).
 
 What happens (measured; docs/deployment.md): the run does not survive. `flwr run --stream` exits at once, the
-ServerApp process loses its SuperLink and exits within seconds, and a restarted SuperLink does not start it
-again. The promise Pilot keeps instead:
+ServerApp process loses its SuperLink and exits within seconds (Flower's parent monitor, or, when that path
+hangs, as measured on a loaded CI machine, Pilot's own lifeline: LINK_LOST_S + LINK_EXIT_S), and a restarted
+SuperLink does not start it again. The promise Pilot keeps instead:
 - no site trains on without a server: a site in the middle of a round stops when the server's heartbeat has
   been gone for the orphan timeout (`PILOT_ORPHAN_TIMEOUT_S`, 900 s by default; 15 s here), and its trainer exits;
 - nothing the dead server did not checkpoint counts: a new `flwr run` with the same run-id resumes from the last
