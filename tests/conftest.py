@@ -23,6 +23,17 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # runs that a test does not place itself land here, never in the user's ~/.cache/pilot
 os.environ["PILOT_HOME"] = tempfile.mkdtemp(prefix="pilot-home-")
 VENV_BIN = Path(sys.executable).parent  # flwr, flower-superlink, pilot live beside the interpreter
+SLOW_ENV = "PILOT_SLOW_TESTS"   # =1: also the `slow` scenarios (each one's promise has a faster test in CI)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`slow` scenarios are skipped, saying how to run them, unless PILOT_SLOW_TESTS=1."""
+    if os.environ.get(SLOW_ENV) == "1":
+        return
+    skip = pytest.mark.skip(reason=f"slow scenario: {SLOW_ENV}=1 runs it (the full suite, before a release)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @dataclass

@@ -66,10 +66,10 @@ def superlink(link_port: int, env: dict, database: str | None) -> subprocess.Pop
 
 
 # "memory" (no --database: the supervisor also restarts the SuperNodes) behaves the same (docs/deployment.md);
-# it costs another four minutes, so CI runs the database case and `-k memory` is there for a change to Flower
+# it costs another four minutes, so CI runs the database case and PILOT_SLOW_TESTS=1 runs both (for a change
+# to Flower)
 @pytest.mark.timeout(900)   # two runs, a ServerApp's death, its heartbeat's lapse and the orphan timeout between
-@pytest.mark.parametrize("state", ["database", pytest.param("memory", marks=pytest.mark.skipif(
-    "PILOT_SLOW_FAULTS" not in __import__("os").environ, reason="set PILOT_SLOW_FAULTS=1: 4 more minutes"))])
+@pytest.mark.parametrize("state", ["database", pytest.param("memory", marks=pytest.mark.slow)])
 def test_a_superlink_restart_ends_the_run_and_a_new_run_resumes_from_the_checkpoint(state, tmp_path, text_shards,
                                                                                     tiny_tokenizer):
     run_dir, run_id = tmp_path / "run", f"fault-superlink-{state}"

@@ -53,7 +53,7 @@ def test_a_quickly_restarted_supernode_trains_again(tmp_path, text_shards, tiny_
     try:
         time.sleep(3)
         run_config = tiny_run_config(run_id, run_dir, text_shards, tiny_tokenizer, "round-duration=5",
-                                     "stop-grace=45", "max-rounds=6")
+                                     "stop-grace=25", "max-rounds=6")
         run = subprocess.Popen([str(VENV_BIN / "flwr"), "run", ".", "local-deployment", "--stream", "--run-config",
                                 run_config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                cwd=PROJECT_ROOT)
@@ -79,6 +79,10 @@ def test_a_quickly_restarted_supernode_trains_again(tmp_path, text_shards, tiny_
             if proc is not None and proc.poll() is None:
                 proc.kill()
         left_behind(link_port)
+    # the round it was killed in completes with the other site (whether or not the victim's result made it)
+    killed_end = [e for e in events("round-end", after=killed_at) if int(e["round"]) == killed_round]
+    assert killed_end and "client_0" in killed_end[0]["sites"].split(",") and int(killed_end[0]["tokens"]) > 0, \
+        killed_end
     results = [e for e in events("site-result", after=killed_at) if e["site"] == VICTIM]
     trained_again = [e for e in results if int(e["round"]) > killed_round and e["status"] == "ok"
                      and int(e["tokens"]) > 0]

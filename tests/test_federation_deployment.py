@@ -53,6 +53,10 @@ def tiny_run_config(run_id: str, run_dir, text_shards, tiny_tokenizer, *extra: s
                      "device-batch-size=4", "total-batch-size=1024", "eval-tokens=1024", *extra])
 
 
+# slow: its promise (the round completes with the others; the site trains again once its SuperNode is back) is
+# CI's in test_faults_supernode_restart.py; this is the slower variant (three sites, the node back only after
+# Flower reported it lost)
+@pytest.mark.slow
 def test_deployment_survives_a_killed_supernode(tmp_path, text_shards, tiny_tokenizer):
     run_dir, run_id = tmp_path / "run", "deploy"
     link_port, env = deployment_home(tmp_path)
