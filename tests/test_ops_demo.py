@@ -126,7 +126,12 @@ def test_ctrl_c_stops_every_process_of_the_demo(tmp_path, text_shards, tiny_toke
             time.sleep(0.5)
         assert len(demo_processes(str(run_dir))) >= 5   # server, SuperLink, energy simulation, trainers, Redis
         demo.send_signal(signal.SIGINT)
-        output, _ = demo.communicate(timeout=60)
+        try:   # it stops the server, SuperLink, energy simulation and trainers in turn, each given a grace
+            output, _ = demo.communicate(timeout=120)
+        except subprocess.TimeoutExpired as late:
+            left = [p.cmdline()[:3] for p in demo_processes(str(run_dir))]
+            raise AssertionError(f"the demo did not end within 120 s of Ctrl-C; still running: {left}; "
+                                 f"it printed: {late.output}") from late
     finally:
         if demo.poll() is None:
             demo.kill()

@@ -258,11 +258,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-        procs.stop_all()
-        local.stop_local_superlink(flwr_home)
-        process.stop_trainers(r, args.run_id, grace_s=5)
+        took, mark = {}, time.monotonic()
+        for stage, stop in (("server and energy simulation", procs.stop_all),
+                            ("SuperLink", lambda: local.stop_local_superlink(flwr_home)),
+                            ("site trainers", lambda: process.stop_trainers(r, args.run_id, grace_s=5))):
+            stop()
+            took[stage], mark = time.monotonic() - mark, time.monotonic()
         if outcome == "interrupted":
             coordination.release(r, run_dir)
+            log("stopped: " + ", ".join(f"{stage} {s:.1f} s" for stage, s in took.items()))
     try:
         if not args.no_baseline and tokens > 0:
             if run_baselines(procs, run_dir, args, data_dir, tokenizer_dir, tokens) != 0:
