@@ -228,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     flwr_home = run_dir / "flwr"
     env = local.isolated_flwr_env(flwr_home, PILOT_SITE_THREADS="1", PILOT_ORPHAN_TIMEOUT_S="120")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # flwr starts flower-superlink
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM cleans up like Ctrl-C
+    # Ctrl-C and SIGTERM clean up alike. Both handlers are set here: Python turns SIGINT into KeyboardInterrupt
+    # only when its parent left SIGINT alone, and a shell ignores it for background jobs (CI ran the suite so:
+    # the demo never heard the test's Ctrl-C)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     outcome = "interrupted"
     try:
         server = procs.start("server", [str(Path(sys.executable).parent / "flwr"), "run", ".", "local-simulation",
@@ -257,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted: stopping every process of the demo")
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         took, mark = {}, time.monotonic()
         for stage, stop in (("server and energy simulation", procs.stop_all),
                             ("SuperLink", lambda: local.stop_local_superlink(flwr_home)),
