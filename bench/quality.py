@@ -63,7 +63,8 @@ class Fed:
 FULL = [Fed("none", 25), Fed("nesterov", 25), Fed("nesterov", 10), Fed("nesterov", 25, lr=0.5),
         Fed("nesterov", 25, lr=1.0), Fed("nesterov", 25, mode="overlap"), Fed("none", 25, mode="overlap"),
         Fed("none", 10), Fed("none", 25, payload="delta-int4"), Fed("none", 25, payload="delta-int2"),
-        Fed("none", 100)]
+        Fed("none", 100), Fed("nesterov", 10, lr=0.5), Fed("nesterov", 10, lr=1.0), Fed("nesterov", 10, lr=0.5, momentum=0.5),
+        Fed("none", 10, mode="overlap")]
 QUICK = [Fed("none", 25), Fed("nesterov", 25), Fed("nesterov", 25, mode="overlap")]
 
 

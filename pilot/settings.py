@@ -81,6 +81,11 @@ SETTINGS: tuple[Setting, ...] = (
             'the bytes; averaged in fp32), "weights-fp32" (its weights), or "delta-int8" / "delta-int4" / "delta-int2" '
             '(block-quantized with error feedback at the site: ~2x / ~4x / ~8x fewer bytes than bf16). A site '
             'training alone always sends its exact fp32 weights.'),
+    Setting("global-payload", "delta-bf16",
+            'How the global model reaches a site that holds the last one: "delta-bf16" (the bf16 delta from the '
+            'weights it holds, half the bytes; it then holds, bit for bit, a view of the fp32 masters within one '
+            'bf16 rounding of a round\'s move) or "weights-fp32" (the masters whole, every round). A site that '
+            'holds no recent global model (new, back from a pause, in an overlapped round) fetches it whole.'),
     Setting("eval-tokens", 16384, "Validation tokens evaluated after every aggregation (0: no evaluation)."),
     Setting("wandb-mode", "",
             'Weights & Biases logging of the run\'s metrics: "offline" (files under the run directory), "online", '
@@ -158,7 +163,8 @@ RANGES = {  # numeric settings that must lie in a range: (low, high, inclusive l
 RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 CHOICES = {  # string settings with a fixed set of values
     "curtailment": ("energy", "always"), "round-mode": ("sync", "overlap"),
-    "update-payload": ("delta-bf16", "weights-fp32", "delta-int8", "delta-int4", "delta-int2"), "outer-optimizer": ("none", "nesterov"),
+    "update-payload": ("delta-bf16", "weights-fp32", "delta-int8", "delta-int4", "delta-int2"),
+    "global-payload": ("delta-bf16", "weights-fp32"), "outer-optimizer": ("none", "nesterov"),
     "site-device": ("auto", "cuda", "cpu"),   # provisioner: checked where it is built (provision/run.py)
     "wandb-mode": ("", "offline", "online", "disabled"),
 }
@@ -285,6 +291,7 @@ class SiteGroup:
 @dataclass(frozen=True)
 class DataPlaneGroup:
     update_payload: str
+    global_payload: str
     host: str
     port: int
     url: str
@@ -328,7 +335,7 @@ _PLACE = {"lr": "model", "matrix-lr": "model", "embedding-lr": "model", "unembed
           "grad-clip": "model", "run-id": "run", "run-dir": "run", "redis-url": "run", "wandb-mode": "run",
           "depth": "model", "max-seq-len": "model", "device-batch-size": "model", "total-batch-size": "model",
           "data-dir": "model", "tokenizer-dir": "model", "site-nproc": "sites", "site-device": "sites", "emulate-step-s": "sites",
-          "update-payload": "dataplane", "provisioner": "provision"}
+          "update-payload": "dataplane", "global-payload": "dataplane", "provisioner": "provision"}
 _PREFIX = {"sites": "site_", "dataplane": "blob_", "provision": "provision_"}
 
 

@@ -128,6 +128,13 @@ def check_run_logs(run_dir, stream_events: list[dict]) -> None:
     for r in results:   # (sync rounds: the upload is on the path when the site took a step)
         assert 0 <= r["set_up_s"] <= r["seconds_total"], r
         assert (r["upload_s"] is not None) == (r["steps"] > 0) and 0 <= (r["upload_s"] or 0) <= r["seconds_total"], r
+    # the global model reached a site that held the last one as a bf16 delta, at half the bytes of the weights
+    # (a site that held no recent one fetched them whole; a lone site's own result was adopted: held)
+    assert {r["fetch"] for r in results} <= {"held", "delta", "whole"}, results
+    whole = [r["fetch_bytes"] for r in results if r["fetch"] == "whole"]
+    deltas = [r["fetch_bytes"] for r in results if r["fetch"] == "delta"]
+    assert whole and deltas, [(r["round"], r["site"], r["fetch"]) for r in results]
+    assert max(deltas) < 0.55 * min(whole), (deltas, whole)
     for e in ends:
         assert e["aggregate_s"] >= 0 and e["checkpoint_s"] > 0 and e["evaluate_s"] >= 0, e
         assert (e["evaluate_s"] > 0) == (e["val_bpb"] is not None), e

@@ -25,5 +25,5 @@ presigned URLs can stand in for the BlobServer (docs/data_plane.md).
     store.py     the blobs a process serves, held in memory by digest
     server.py    the weights server (HTTP/TLS, bearer tokens) and its TLS context
     client.py    fetch (resuming) and upload from a site, and the site's TLS trust
-    payload.py   what a site hands in: its weights, or its pseudo-gradient in bf16
+    payload.py   what a site hands in (its weights, or its pseudo-gradient), and the global model as a bf16 delta
 """

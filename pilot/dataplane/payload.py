@@ -188,3 +188,38 @@ def as_delta(payload: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tens
     if kind != "weights-fp32":
         return dict(payload)
     return {k: start[k].float() - w.float() for k, w in payload.items()}
+
+
+# ------------------------------------------------------------------ the global model to a site, as a bf16 delta
+# The server keeps exact fp32 masters G. What the sites are sent is a view S of them: S_0 = G_0, and each later
+# view S' = S - fp32(bf16(S - G)), the last view moved by the bf16 delta to the masters. A site that holds S
+# fetches only that delta (2 bytes a parameter, half the weights) and applies it with the same fp32 arithmetic,
+# so it holds S' bit for bit (IEEE subtraction is exact-rounded everywhere) and checks S' against its digest.
+# The view differs from the masters by one bf16 rounding of one round's move, never more: each delta is
+# measured from the last view, not from the last masters, so rounding does not pile up over rounds.
+GLOBAL_DELTA = "global-delta-bf16"
+
+
+@torch.no_grad()
+def global_delta(view: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """bf16(view - weights) for every floating tensor (non-floating ones travel as the masters hold them)."""
+    _check_names(weights, view, "global_delta")
+    return {name: _delta_bf16(v, weights[name], torch.empty(v.shape, dtype=torch.bfloat16))
+            if v.is_floating_point() else weights[name].detach().clone()
+            for name, v in view.items()}
+
+
+@torch.no_grad()
+def apply_global_delta(view: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> None:
+    """view <- view - fp32(delta), in place: the next view, bit for bit the server's (ValueError if the delta
+    is not shaped like the view)."""
+    _check_names(delta, view, "apply_global_delta")
+    for name, v in view.items():
+        d = delta[name]
+        if not v.is_floating_point():
+            v.copy_(d)
+        elif d.dtype != torch.bfloat16 or v.dtype != torch.float32 or not v.is_contiguous():
+            raise ValueError(f"apply_global_delta: {name} is {v.dtype} with a {d.dtype} delta; "
+                             f"a view is contiguous fp32 and its delta bf16")
+        else:
+            _weights_from_delta(v, d, v)

@@ -38,6 +38,7 @@ from pilot.server import policy
 from pilot.server.clock import EnergyClock
 from pilot.server.incarnation import Incarnation, link_probe
 from pilot.server.ledger import SHARDS_PER_SITE, SPARES_PER_SITE
+from pilot.server.publish import Publisher
 from pilot.server.roster import Roster
 from pilot.server.runlog import RunLog, ServerEvents
 from pilot.server.training import AfterRound, GlobalModel
@@ -75,6 +76,7 @@ class Federation:
         self.model = GlobalModel(self.r, self.run_id, self.run_dir, settings.model, settings.rounds,
                                  settings.sites.nproc, self.emit, emulate_step_s=settings.sites.emulate_step_s)
         self.store = BlobStore()
+        self.publisher = Publisher(self.store, deltas=settings.dataplane.global_payload == "delta-bf16")
         # round requests are signed (a site obeys only this key, learnt through Flower); blob access is per
         # site and round; an upload must be shaped like the model
         self.signing_key = signing.ServerKey.load_or_create(self.run_dir)
@@ -155,10 +157,10 @@ class Federation:
     def dispatch(self, number: int, members: frozenset[str]) -> tuple[dict[str, Message], dict]:
         """The round's TRAIN messages, one per member that has data to train, and their data assignments."""
         ledger, nproc = self.model.ledger, self.settings.sites.nproc
-        adopted = self.model.adopted
-        # the global model is a lone site's upload as it is: name that blob (no hash pass, nothing to fetch for it)
-        digest = adopted if adopted and adopted in self.store else self.store.publish(self.model.state.weights)
-        self.blob_tokens.open_round(number, {digest})
+        # the global model as the sites will hold it, and the bf16 delta to it for a site that holds the last one
+        # (a lone site's upload adopted as it is: that blob, no hash pass, nothing to fetch for that site)
+        sent = self.publisher.publish(self.model.state.weights, adopted=self.model.adopted)
+        self.blob_tokens.open_round(number, {sent.digest, sent.delta_digest} - {""})
         schedule_step = self.model.steps_done
         max_steps = -(-(self.model.horizon - schedule_step) // len(members))   # the sites share the steps left
         # a lone site hands in its exact weights (they become the global model as they are); several hand
@@ -189,7 +191,8 @@ class Federation:
             if spares:
                 pipe.rpush(protocol.spare_key(self.run_id, site), *spares)
             pipe.execute()
-            request = RoundRequest(round=number, server_id=self.server_id, weights_digest=digest, blob_url=self.blob_url,
+            request = RoundRequest(round=number, server_id=self.server_id, weights_digest=sent.digest,
+                                   delta_digest=sent.delta_digest, delta_base=sent.delta_base, blob_url=self.blob_url,
                                    blob_token=self.blob_tokens.issue(site, number), site=site,
                                    shards=assignment.shards, cursors=assignment.cursors,
                                    schedule_step=schedule_step, max_steps=max_steps, update_payload=update_payload,
@@ -237,7 +240,8 @@ class Federation:
                       wall_start=wall_start, wall_end=wall_end,
                       sim_start=self.clock.time_at(wall_start) if wall_start else None,
                       sim_end=self.clock.time_at(wall_end) if wall_end else None,
-                      set_up_s=result.extra.get("set_up_s"), upload_s=result.extra.get("upload_s"))
+                      set_up_s=result.extra.get("set_up_s"), upload_s=result.extra.get("upload_s"),
+                      fetch=result.extra.get("fetch"), fetch_bytes=result.extra.get("fetch_bytes"))
         aggregating = time.monotonic()
         tokens = self.model.aggregate(number, results, assignments, self.store,
                                       span=(current.started_at, self.clock.now()))

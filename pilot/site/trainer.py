@@ -64,6 +64,7 @@ from nanochat.distributed import DistInfo, cleanup_distributed, init_distributed
 from nanochat.tokenizer import Tokenizer
 from nanochat.trainer import DataExhausted, TrainConfig, Trainer, plan_training
 from pilot import coordination, protocol, signing
+from pilot.dataplane import payload
 from pilot.dataplane.blob import BlobError, TensorBlob
 from pilot.dataplane.client import fetch_blob, site_tls, upload_blob
 from pilot.dataplane.payload import QUANTIZED, update_blob
@@ -216,6 +217,11 @@ class SiteTrainer:
         self.loader_shards: list[str] = []
         self.last_digest = ""       # digest of the global weights the model holds now ("" = not known: fetch)
         self.round_start: dict[str, torch.Tensor] | None = None   # rank 0: the round's start weights (one buffer)
+        # rank 0, sync rounds: the global weights this site was last sent, kept past the upload, so that the next
+        # global model arrives as a bf16 delta to them (payload.GLOBAL_DELTA: half the bytes)
+        self.view: dict[str, torch.Tensor] | None = None
+        self.view_digest = ""
+        self.fetched = ("held", 0)   # rank 0: how this round's global weights came: held / delta / whole, and bytes
         self.steps_total = 0        # optimizer steps this process has taken, across rounds
         # overlap mode (see the module's docstring)
         self.anchor: dict[str, torch.Tensor] | None = None   # rank 0: A, the global model W descends from
@@ -248,14 +254,47 @@ class SiteTrainer:
         self.last_digest = request.weights_digest
 
     def _fetch(self, request: RoundRequest) -> dict[str, torch.Tensor] | None:
-        """Rank 0: the global weights, fetched into a staging buffer and checked (the model is not touched)."""
+        """Rank 0: the global weights, fetched into a staging buffer and checked (the model is not touched):
+        as a bf16 delta to the weights this site holds when the server sent one for them, else whole."""
         if self.info.rank != 0:
             return None
-        staging = self.trainer.get_weights()
-        fetch_blob(request.blob_url, request.weights_digest, token=request.blob_token, into=staging,
-                   ssl_context=site_tls(request.blob_ca))
+        staging = self._from_delta(request)
+        if staging is None:
+            staging = self.trainer.get_weights()
+            blob = fetch_blob(request.blob_url, request.weights_digest, token=request.blob_token, into=staging,
+                              ssl_context=site_tls(request.blob_ca))
+            self.fetched = ("whole", blob.size)
         check_finite(staging, request.weights_digest)
         return staging
+
+    def _from_delta(self, request: RoundRequest) -> dict[str, torch.Tensor] | None:
+        """Rank 0: the round's global weights made from the ones this site holds and the server's bf16 delta to
+        them, checked against the request's digest (bit for bit the server's view); None when this site holds
+        no base for a delta (or the delta fails: then the weights are fetched whole)."""
+        view, self.view, digest, self.view_digest = self.view, None, self.view_digest, ""
+        base = request.delta_base
+        if not request.delta_digest or not base:
+            return None
+        if view is None or digest != base:
+            if self.last_digest != base:
+                return None
+            view = self.trainer.get_weights()   # the model holds the base itself (it trained no step since)
+        try:
+            delta = fetch_blob(request.blob_url, request.delta_digest, token=request.blob_token,
+                               ssl_context=site_tls(request.blob_ca))
+            if delta.metadata.get("payload") != payload.GLOBAL_DELTA or delta.metadata.get("base") != base:
+                raise ValueError(f"blob {request.delta_digest[:12]} is not a global delta to {base[:12]}")
+            payload.apply_global_delta(view, delta.tensors)
+            self.fetched = ("delta", delta.size)
+            del delta
+            made = TensorBlob(view).digest
+            if made != request.weights_digest:
+                raise ValueError(f"the weights made from the delta hash to {made[:12]}, "
+                                 f"not {request.weights_digest[:12]}")
+        except (BlobError, ValueError) as error:
+            log(f"round {request.round}: the global delta did not apply ({error}); fetching the weights whole")
+            return None
+        return view
 
     def forget(self) -> None:
         """After a failed round: the model may no longer hold the global weights it was sent (steps taken, or a
@@ -264,6 +303,7 @@ class SiteTrainer:
         the compiled model and the process stay."""
         self.last_digest = ""
         self.round_start = None
+        self.view, self.view_digest = None, ""
         self.anchor, self.carry, self.incoming, self.leased = None, None, None, []
         if self.feedback is not None:   # its residual was measured against weights this site no longer holds
             self.feedback.reset()
@@ -335,8 +375,13 @@ class SiteTrainer:
         start = self.round_start
         if start is None and request.update_payload == "weights-fp32":
             start = self.trainer.get_weights()
-        return update_blob(start, self.trainer.model.state_dict(), request.update_payload,
-                           feedback=self._feedback(request.update_payload))
+        # a sync round's start weights are the global model the next one comes as a delta to: kept (the bf16
+        # payload then takes half a model of its own), unless the update is the weights themselves
+        keep = request.round_mode == "sync" and request.update_payload != "weights-fp32" and start is not None
+        blob = update_blob(start, self.trainer.model.state_dict(), request.update_payload,
+                           feedback=self._feedback(request.update_payload), reuse_start=not keep)
+        self.view, self.view_digest = (start, request.weights_digest) if keep else (None, "")
+        return blob
 
     def _feedback(self, kind: str) -> ErrorFeedback | None:
         """The site's error feedback for a quantized payload kind (its residual lives across rounds)."""
@@ -358,6 +403,7 @@ class SiteTrainer:
     def _run_round(self, request: RoundRequest) -> RoundResult:
         started, wall_start = time.perf_counter(), time.time()
         trainer = self.trainer
+        self.fetched = ("held", 0)
         overlap = request.round_mode == "overlap"
         self._wait_handed_in()
         carry = self._take_carry(request) if overlap else None
@@ -432,7 +478,8 @@ class SiteTrainer:
             world_size=self.info.world_size, exhausted=exhausted, trainer_pid=os.getpid(),
             seconds_training=training_s,
             extra={"stopped_at": stopped_at, "wall_start": wall_start, "carried_steps": carry.steps if carry else 0,
-                   "spares": spares, "set_up_s": round(set_up_s, 3)})
+                   "spares": spares, "set_up_s": round(set_up_s, 3),
+                   "fetch": self.fetched[0], "fetch_bytes": self.fetched[1]})
         if overlap and steps > 0 and broadcast_json(self.anchor is not None and self._may_carry_on(reason), self.info):
             # hand the update in on a thread and train on: the result reaches the outbox once it is uploaded
             self._hand_in_in_background(request, result, started)

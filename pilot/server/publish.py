@@ -1,0 +1,81 @@
+"""What the sites are sent each round: the global model as the sites hold it (the view), and the bf16 delta to
+it from the last view for a site that holds that one (pilot/dataplane/payload.py, "the global model to a site,
+as a bf16 delta").
+
+    publisher = Publisher(store, deltas=True)
+    sent = publisher.publish(global_weights, adopted="")   # Published(digest, delta_digest, delta_base)
+    RoundRequest(weights_digest=sent.digest, delta_digest=sent.delta_digest, delta_base=sent.delta_base, ...)
+
+The view S is exact where nothing was rounded: the first round's weights, a lone site's upload adopted as the
+global model (then the view is that blob: the site holds it already and fetches nothing). After an outer step
+the view moves by bf16(S - G): half the bytes of the weights for every site that holds S, and S stays within one
+bf16 rounding of one round's move from the fp32 masters G, which the server keeps exact (the outer optimizer,
+checkpoints and the final model use G). A site that does not hold S (new, back from a pause, its last round
+failed) fetches the view whole, as before.
+
+Memory: the view is one model copy beside the masters (shared with them until the first outer step, and after
+an adoption), updated in place; the delta is half of one, let go of at the next round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from pilot.dataplane import payload
+from pilot.dataplane.blob import TensorBlob
+from pilot.dataplane.store import BlobStore
+
+
+@dataclass(frozen=True)
+class Published:
+    digest: str              # the view: what a site holds once it has the round's global model
+    delta_digest: str = ""   # bf16 delta from the last view to this one ("" = none: fetch the view whole)
+    delta_base: str = ""     # digest of the view the delta applies to
+
+
+class Publisher:
+    """The view the sites hold and its deltas, published into the round's blob store."""
+
+    def __init__(self, store: BlobStore, deltas: bool = True):
+        self.store, self.deltas = store, deltas
+        self.blob: TensorBlob | None = None   # the view as a blob: its tensors are the view
+        self.owned = False     # the view's memory is this publisher's own (else shared with the masters or an upload)
+        self.masters: dict[str, torch.Tensor] = {}   # the masters the view was last made from (the tensors themselves)
+
+    @property
+    def digest(self) -> str:
+        return self.blob.digest if self.blob is not None else ""
+
+    def publish(self, weights: Mapping[str, torch.Tensor], adopted: str = "") -> Published:
+        """Publish the round's global model. `adopted`: the digest of a lone site's upload that is the global
+        model as it is (kept in the store; `weights` are its tensors): it becomes the view, exact, and the site
+        that holds it fetches nothing."""
+        if adopted and adopted in self.store:
+            self.blob, self.owned, self.masters = self.store.get(adopted), False, dict(weights)
+            return Published(adopted)
+        if self.blob is not None and self._same_masters(weights):
+            self.store.add(self.blob)   # the masters did not move (nothing was aggregated): the same view
+            return Published(self.digest)
+        if self.blob is None or not self.deltas:
+            self.blob, self.owned, self.masters = TensorBlob(weights), False, dict(weights)
+            return Published(self.store.add(self.blob))
+        base, view = self.digest, self.blob.tensors
+        delta = payload.global_delta(view, weights)
+        if self.owned:
+            self.store.pop(base)   # its bytes are about to change: nobody may be served them under the old digest
+        else:   # never write into the masters' tensors or an uploaded blob's
+            view = {name: tensor.clone() for name, tensor in view.items()}
+        payload.apply_global_delta(view, delta)
+        self.blob, self.owned, self.masters = TensorBlob(view), True, dict(weights)
+        digest = self.store.add(self.blob)
+        meta = {"payload": payload.GLOBAL_DELTA, "base": base, "view": digest}
+        return Published(digest, self.store.add(TensorBlob(delta, meta)), base)
+
+    def _same_masters(self, weights: Mapping[str, torch.Tensor]) -> bool:
+        """The masters have not moved since the view was made (a round that aggregated nothing): the tensors
+        themselves, not their values (an outer step always makes new ones)."""
+        last = self.masters
+        return last.keys() == weights.keys() and all(last[k] is weights[k] for k in weights)
