@@ -9,6 +9,11 @@ second of synchronisation shows. Then the seconds to synchronise a d20-sized sta
 
     .venv/bin/python bench/round_overhead.py [--sites 2] [--rounds 3] [--round-seconds 60] [--skip-d20]
         [--round-modes sync,overlap]     # synchronous rounds and overlapped ones, side by side
+        [--round-modes sync,sync-relay]  # a "-relay" mode: direct-delivery=false (round requests through Flower only)
+
+Also printed per federated deployment: the seconds from a round's start (the server's round-start event) to a
+site's first optimizer step of it (its site-result wall_start), rounds 2..N of sync rounds: the dispatch path
+(Flower's message, or the server's direct copy into the trainer's inbox) plus the weights fetch.
 """
 
 from __future__ import annotations
@@ -80,6 +85,15 @@ def busy_shares(events: list[dict], skip_first: bool) -> dict[str, float]:
     return {site: seconds / wall for site, seconds in sorted(training.items())}
 
 
+def start_latency(events: list[dict]) -> list[float]:
+    """Seconds from each round's start to each site's first step in it (rounds 2..N: round 1 starts trainers)."""
+    starts = {e["round"]: float(e["wall_ts"]) for e in events if e["kind"] == "round-start"}
+    first = min(starts) if starts else 0
+    return [float(e["wall_start"]) - starts[e["round"]] for e in events
+            if e["kind"] == "site-result" and e["round"] in starts and e["round"] != first
+            and e.get("wall_start") not in (None, "", "-") and int(e.get("steps") or 0) > 0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, default=2)
@@ -104,7 +118,9 @@ def main() -> None:
         print(f"{len(modes) + 1} deployments follow, about {(len(modes) + 1) * (wall + 45)} s in all", flush=True)
         federated = {mode: deployment(tmp, args.sites, f"federated-{mode}",
                                       common + [f"round-duration={args.round_seconds}", f"max-rounds={args.rounds}",
-                                                f'round-mode="{mode}"'], timeout=4 * wall + 300)
+                                                f'round-mode="{mode.removesuffix("-relay")}"',
+                                                f"direct-delivery={'false' if mode.endswith('-relay') else 'true'}"],
+                                      timeout=4 * wall + 300)
                      for mode in modes}
         solo_events = deployment(tmp, 1, "solo", common + [f"solo-checkpoint-interval={wall}", "max-rounds=1"],
                                  timeout=4 * wall + 300)
@@ -124,6 +140,11 @@ def main() -> None:
                     and e["round"] in stops]
             print(f"{mode}: seconds from a round's stop signal to its checkpoint written: "
                   f"{', '.join(f'{g:.1f}' for g in gaps)}")
+            if not mode.startswith("overlap"):   # (an overlapped site's steps of a round start before it)
+                lat = sorted(start_latency(fed_events))
+                if lat:
+                    print(f"{mode}: seconds from a round's start to a site's first step in it (rounds 2..N): "
+                          f"median {lat[len(lat) // 2]:.2f}, min {lat[0]:.2f}, max {lat[-1]:.2f} ({len(lat)} site-rounds)")
     if not args.skip_d20:
         print("\nd20-sized synchronisation over the weights data plane (bench/sync.py, data plane only):", flush=True)
         subprocess.run([sys.executable, str(ROOT / "bench" / "sync.py"), "--skip-flower", "--sites", "1"], check=True)

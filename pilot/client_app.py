@@ -109,8 +109,10 @@ def train(msg: Message, context: Context) -> Message:
     launched_at = ensure_trainer(r, site, config, context)
     last = r.xrevrange(protocol.outbox_key(run_id, site), count=1)
     after_id = last[0][0] if last else "0-0"
-    # MAXLEN 1: a trainer that (re)starts finds only the newest request, never a stale one
-    r.xadd(protocol.inbox_key(run_id, site), entry, maxlen=1)
-    result = wait_for_result(r, run_id, site, request, after_id, launched_at)
+    # the server may have delivered the round straight to the trainer, which may be done with it already
+    result = process.handed_in(r, run_id, site, request.round, request.server_id)
+    if result is None:
+        process.deliver(r, run_id, site, entry, via="clientapp")
+        result = wait_for_result(r, run_id, site, request, after_id, launched_at)
     r.close()
     return Message(RecordDict({RESULT_KEY: ConfigRecord({"result": result.to_json()})}), reply_to=msg)

@@ -50,6 +50,10 @@ SETTINGS: tuple[Setting, ...] = (
             'How a federated round meets the next one: "sync" (a site stops, hands in its update and waits for the '
             'new global model) or "overlap" (a site keeps training while its update travels and folds the new '
             'global model in when it arrives, one round late: Streaming DiLoCo\'s overlapped outer step).'),
+    Setting("direct-delivery", True,
+            "Also put each round request straight into the inbox of a live site trainer that trusts this server's "
+            "key (through Redis), so that a round starts without waiting for the SuperNode's poll and a fresh "
+            "ClientApp process; Flower's relay stays the path of record. false: Flower's relay only."),
     Setting("outer-optimizer", "none",
             'How averaged updates are applied: "none" (federated averaging) or "nesterov" (DiLoCo).'),
     Setting("outer-lr", 0.7, "Outer learning rate (nesterov)."),
@@ -245,6 +249,7 @@ class RoundGroup:
     round_steps: int
     solo_checkpoint_interval: float
     round_mode: str
+    direct_delivery: bool
     handshake_timeout: float
     stop_grace: float
     outer_optimizer: str

@@ -136,11 +136,15 @@ class SiteHarness:
     def request(self, number: int, shards: list[str], digest: str | None = None, blob_url: str | None = None,
                 cursors: list[dict] | None = None, round_steps: int = 0, **fields) -> None:
         """A round request as the server sends it; `fields`: any other RoundRequest field (update_payload, ...)."""
-        req = RoundRequest(round=number, server_id="srv", weights_digest=digest or self.digest,
-                           blob_url=blob_url or self.blobs.url, blob_token=TOKEN, shards=shards, cursors=cursors,
-                           schedule_step=0, max_steps=10**6, round_steps=round_steps, **fields)
+        req = self.round_request(number, shards, digest, blob_url, cursors, round_steps, **fields)
         self.r.xadd(protocol.inbox_key(self.run, SITE), {"kind": "train", "round": number, "request": req.to_json()},
                     maxlen=10)
+
+    def round_request(self, number: int, shards: list[str], digest: str | None = None, blob_url: str | None = None,
+                      cursors: list[dict] | None = None, round_steps: int = 0, **fields) -> RoundRequest:
+        return RoundRequest(round=number, server_id="srv", weights_digest=digest or self.digest,
+                            blob_url=blob_url or self.blobs.url, blob_token=TOKEN, shards=shards, cursors=cursors,
+                            schedule_step=0, max_steps=10**6, round_steps=round_steps, **fields)
 
     def result(self, number: int, timeout: float = 90) -> RoundResult:
         def find() -> RoundResult | None:

@@ -147,6 +147,11 @@ def test_the_server_provisions_its_sites_and_stops_them(tmp_path, text_shards, t
     assert done == {(s, op) for s in ("client_0", "client_1") for op in ("open", "close")}, events
     ends = [e for e in events if e["kind"] == "round-end"]
     assert "client_0,client_1" in [e["sites"] for e in ends], ends
+    # a round reached a live trainer straight from the server (not only through the SuperNode's poll), and
+    # whichever copy came first, every round was trained once per site
+    results = [(e["round"], e["site"], e["via"]) for e in events if e["kind"] == "site-result"]
+    assert len({(n, s) for n, s, _ in results}) == len(results), results
+    assert "server" in {via for _, _, via in results}, results
     # nothing of the run is left: no SuperNode of this SuperLink, no site trainer of this run
     left = [p for p in psutil.process_iter(["cmdline", "status"])
             if p.info["status"] != psutil.STATUS_ZOMBIE and any(f"127.0.0.1:{link_port}" in c or str(run_dir) in c

@@ -43,6 +43,7 @@ from pilot.server.roster import Roster
 from pilot.server.runlog import RunLog, ServerEvents
 from pilot.server.training import AfterRound, GlobalModel
 from pilot.settings import Settings
+from pilot.site import process
 from pilot.site.process import shutdown_trainer
 
 POLL_S = 0.25               # how often a round looks for replies and energy news
@@ -218,6 +219,7 @@ class Federation:
                   shards={s: a.shards for s, a in assignments.items()})
         nodes = {site: message.metadata.dst_node_id for site, message in messages.items()}
         ids = dict(zip(self.grid.push_messages(messages.values()), messages, strict=True))  # message id -> site
+        self.deliver_directly(number, messages)
         # each result is taken into the global model as it arrives (a worker thread), while others still train
         intake = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake")
         taking: list[Future] = []
@@ -241,7 +243,8 @@ class Federation:
                       sim_start=self.clock.time_at(wall_start) if wall_start else None,
                       sim_end=self.clock.time_at(wall_end) if wall_end else None,
                       set_up_s=result.extra.get("set_up_s"), upload_s=result.extra.get("upload_s"),
-                      fetch=result.extra.get("fetch"), fetch_bytes=result.extra.get("fetch_bytes"))
+                      fetch=result.extra.get("fetch"), fetch_bytes=result.extra.get("fetch_bytes"),
+                      via=result.extra.get("via"))
         aggregating = time.monotonic()
         tokens = self.model.aggregate(number, results, assignments, self.store,
                                       span=(current.started_at, self.clock.now()))
@@ -333,11 +336,29 @@ class Federation:
         return results, stop_reason
 
     def result_in_outbox(self, site: str, number: int) -> RoundResult | None:
-        for _, fields in self.r.xrevrange(protocol.outbox_key(self.run_id, site), count=3):
-            result = RoundResult.from_json(fields["result"])
-            if result.round == number and result.server_id == self.server_id:
-                return result
-        return None
+        return process.handed_in(self.r, self.run_id, site, number, self.server_id)
+
+    def deliver_directly(self, number: int, messages: dict[str, Message]) -> list[str]:
+        """Each round request also goes straight into the inbox of a live trainer that trusts this server's key,
+        as the ClientApp would put it there: the round starts without waiting for the SuperNode's poll and a
+        fresh ClientApp process (seconds a round). The ClientApp's relay stays the path of record (it starts a
+        trainer that is not up, and relays the result); the trainer takes the round once, whichever copy comes
+        first. Returns the sites delivered to."""
+        if not self.settings.rounds.direct_delivery:
+            return []
+        delivered = []
+        for site, message in sorted(messages.items()):
+            record = message.content[ROUND_KEY]
+            try:
+                if not (self.r.exists(protocol.alive_key(self.run_id, site))
+                        and process.trusts_key(self.r, self.run_id, site, self.signing_key.public)):
+                    continue
+                process.deliver(self.r, self.run_id, site, signing.inbox_fields(
+                    str(record["request"]), str(record[signing.SIGNATURE_KEY]), number), via="server")
+                delivered.append(site)
+            except redis.RedisError as error:   # Flower's relay still brings it
+                log(WARNING, "pilot: round %d not delivered straight to %s: %s", number, site, error)
+        return delivered
 
     def close(self) -> None:
         self.after_round.drain()

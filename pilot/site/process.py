@@ -8,6 +8,8 @@ a second.
     find_trainers    its processes on this host, by command line (one still starting has registered nothing yet)
     stop_trainer     ask, wait, then kill: one site's trainer; stop_trainers: every trainer of a run
     kill_tree        the one process-tree killer: SIGTERM to a family and its process groups, SIGKILL after a grace
+    deliver          put a round's request in the site's inbox (the ClientApp's relay, and the server's direct copy)
+    handed_in        the site's result of a round, if the outbox holds it already
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import psutil
 import redis
 
 from pilot import coordination, protocol, signing
+from pilot.protocol import RoundResult
 
 TRAINER_MODULE = "pilot.site.trainer"
 TRAINER_START_TIMEOUT_S = 300.0   # a trainer that is not alive this long after its launch has failed
@@ -85,6 +88,25 @@ def ensure_trainer(r: redis.Redis, site: str, run_id: str, run_dir: str, *, npro
 def trusts_key(r: redis.Redis, run_id: str, site: str, server_key: str) -> bool:
     """Whether the site's live trainer was started trusting `server_key` (as its launching ClientApp recorded)."""
     return r.hget(protocol.trainer_key(run_id, site), SERVER_KEY_FIELD) == signing.fingerprint(server_key)
+
+
+# ------------------------------------------------------------------ hand a round over
+def deliver(r: redis.Redis, run_id: str, site: str, entry: Mapping[str, str | int], via: str) -> None:
+    """Put a round's inbox entry (signing.inbox_fields) in the site's inbox. MAXLEN 1: a trainer that (re)starts
+    finds only the newest request, never a stale one. The ClientApp relays every round this way; the server also
+    delivers straight to a live trainer that trusts its key, so that the round starts without Flower's
+    polling and a fresh ClientApp process (the trainer takes a round once, whichever copy comes first). `via`
+    says which ("clientapp" or "server"; not signed: it only labels the copy in the round's result)."""
+    r.xadd(protocol.inbox_key(run_id, site), {**entry, "via": via}, maxlen=1)
+
+
+def handed_in(r: redis.Redis, run_id: str, site: str, round_number: int, server_id: str) -> RoundResult | None:
+    """The site's result of that round for that server, if it is in the outbox already."""
+    for _, fields in r.xrevrange(protocol.outbox_key(run_id, site), count=3):
+        result = RoundResult.from_json(fields["result"])
+        if result.round == round_number and result.server_id == server_id:
+            return result
+    return None
 
 
 # ------------------------------------------------------------------ ask

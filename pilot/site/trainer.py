@@ -46,6 +46,7 @@ the next round fetches them again; the process, its optimizer state and compiled
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -231,6 +232,7 @@ class SiteTrainer:
         self.handing_in: threading.Thread | None = None     # rank 0: the last round's upload and result
         self.boundary_failed = False             # that upload failed: the next round loads the exact weights
         self.inbox_id = ""                       # the inbox entry of the round being trained (its result's receipt)
+        self.via = ""                            # who put it there: "server" (direct) or "clientapp" (Flower's relay)
         self.leased: list[str] = []              # spare shards leased this round (server/ledger.py), in order
         self.feedback: ErrorFeedback | None = None   # rank 0: quantized payloads' residual (what was not sent)
         self.watcher = StopWatcher(client, run, site, self.trainer) if info.rank == 0 else None
@@ -479,7 +481,7 @@ class SiteTrainer:
             seconds_training=training_s,
             extra={"stopped_at": stopped_at, "wall_start": wall_start, "carried_steps": carry.steps if carry else 0,
                    "spares": spares, "set_up_s": round(set_up_s, 3),
-                   "fetch": self.fetched[0], "fetch_bytes": self.fetched[1]})
+                   "fetch": self.fetched[0], "fetch_bytes": self.fetched[1], "via": self.via})
         if overlap and steps > 0 and broadcast_json(self.anchor is not None and self._may_carry_on(reason), self.info):
             # hand the update in on a thread and train on: the result reaches the outbox once it is uploaded
             self._hand_in_in_background(request, result, started)
@@ -713,6 +715,7 @@ def serve(args: argparse.Namespace) -> int:
     last_id = "$"
     orphan_timeout = float(os.environ.get(protocol.ORPHAN_TIMEOUT_ENV) or protocol.ORPHAN_TIMEOUT_S)
     server_seen = time.monotonic()
+    taken = ("", 0)   # (server, round) of the last request taken: a second copy of it is skipped
     if client is not None:
         # work written before this process started is still there: start after the last handled entry
         last_id = client.hget(protocol.trainer_key(args.run_id, args.site), "inbox_id") or "0-0"
@@ -757,9 +760,19 @@ def serve(args: argparse.Namespace) -> int:
         if broadcast_json(current is not None and current != request.server_id, info):
             log(f"round {request.round}: asked by a server that was replaced; skipped")
             continue
+        if request.server_id == taken[0] and request.round <= taken[1]:
+            # the same round twice (the server's direct copy and the ClientApp's relay), or an older one relayed
+            # late: taken once, whichever copy came first (a server's rounds only go up)
+            log(f"round {request.round}: taken already (round {taken[1]} was the last); this copy skipped")
+            if client is not None:
+                with contextlib.suppress(redis.RedisError):
+                    client.hset(protocol.trainer_key(args.run_id, args.site), "inbox_id", message["id"])
+            continue
+        taken = (request.server_id, request.round)
         if heartbeat is not None:
             heartbeat.update(status="training", round=request.round)
         site.inbox_id = message["id"]
+        site.via = str(message.get("via") or "")
         try:
             result = site.run_round(request)
         except RoundFailed as error:
