@@ -136,7 +136,9 @@ class OuterOptimizer:
 
     def step(self, global_weights: dict[str, torch.Tensor], mean_delta: Tensors, fraction: float = 1.0,
              idle: float = 0.0) -> dict[str, torch.Tensor]:
-        """The new global weights (new tensors: blobs of the old ones may still be served).
+        """The new global weights, written into `mean_delta`'s own fp32 tensors (it is used up: the step
+        allocates nothing model-sized but a new momentum buffer); the old weights are not written into (blobs
+        and checkpoints of them may still be read).
 
         fraction: the round's length against a nominal round (0 < f <= 1); idle: nominal rounds since the
         last federated round during which the momentum was not applied (see the module's docstring)."""
@@ -145,13 +147,13 @@ class OuterOptimizer:
         new = {}
         for name, weight in global_weights.items():
             delta = mean_delta[name]
+            own = delta.dtype == torch.float32 and weight.dtype == torch.float32
+            step = delta if own else delta.to(torch.float32)
             if self.kind == "nesterov":
                 buf = self.state.get(name)
                 # a new buffer, not written in place: a checkpoint of the last round may still be reading the old one
-                buf = delta.clone() if buf is None else buf.mul(decay).add_(delta)
+                buf = step.clone() if buf is None else buf.mul(decay).add_(step)
                 self.state[name] = buf
-                step = (delta + (f * self.momentum) * buf) * self.lr
-            else:
-                step = delta
-            new[name] = (weight.to(torch.float32) - step).to(weight.dtype)
+                step = step.add_(buf, alpha=f * self.momentum).mul_(self.lr)
+            new[name] = torch.sub(weight, step, out=step) if own else (weight.to(torch.float32) - step).to(weight.dtype)
         return new
