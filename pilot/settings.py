@@ -191,7 +191,9 @@ def check_value(key: str, value: Any) -> Any:
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        example = f'{key}="{BY_KEY[key].default}"' if expected is str else f"{key}={BY_KEY[key].default}"
+        default = BY_KEY[key].default
+        example = f'{key}="{default}"' if expected is str else f"{key}={str(default).lower()}" \
+            if expected is bool else f"{key}={default}"   # TOML's booleans: true / false
         raise BadSettingValue(f"run setting {key!r} must be {expected.__name__} (e.g. {example}), got {value!r}")
     if key == "run-id" and not RUN_ID.fullmatch(value):
         raise BadSettingValue(f"run setting 'run-id' must be letters, digits, '_', '.' or '-' (it names Redis keys "

@@ -62,6 +62,8 @@ def test_training_hyperparameters_are_run_settings_and_bad_input_says_what_to_ty
         settings.load({"warmup-ratio": 1.5})
     with pytest.raises(settings.SettingError, match=r"'depth' must be int \(e.g. depth=4\), got 'deep'"):
         settings.load({"depth": "deep"})
+    with pytest.raises(settings.SettingError, match=r"'direct-delivery' must be bool \(e.g. direct-delivery=true\)"):
+        settings.load({"direct-delivery": "yes"})   # the example is TOML: true, not Python's True
     with pytest.raises(settings.SettingError, match='strings need quotes: run-id="x"'):
         settings.parse_run_config("run-id=x")
 
