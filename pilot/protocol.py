@@ -146,6 +146,7 @@ class RoundRequest:
     round_mode: str = "sync"       # "overlap": hand the update in and train on while it travels (pilot/site/trainer.py)
     site: str = ""                 # the site it is for ("" = not said): a signed request cannot serve another site
     round_steps: int = 0           # hand in after this many steps (round-steps; 0: when the round is stopped)
+    sites: int = 1                 # sites in this round: the global schedule moves ~ sites x steps a round
     delta_digest: str = ""         # the bf16 delta to the global weights from the last ones (payload.GLOBAL_DELTA)
     delta_base: str = ""           # digest of the global weights it applies to: a site holding them fetches the delta
 

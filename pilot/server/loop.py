@@ -192,7 +192,7 @@ class Federation:
             if spares:
                 pipe.rpush(protocol.spare_key(self.run_id, site), *spares)
             pipe.execute()
-            request = RoundRequest(round=number, server_id=self.server_id, weights_digest=sent.digest,
+            request = RoundRequest(round=number, server_id=self.server_id, weights_digest=sent.digest, sites=len(members),
                                    delta_digest=sent.delta_digest, delta_base=sent.delta_base, blob_url=self.blob_url,
                                    blob_token=self.blob_tokens.issue(site, number), site=site,
                                    shards=assignment.shards, cursors=assignment.cursors,

@@ -486,6 +486,10 @@ class SiteTrainer:
             # hand the update in on a thread and train on: the result reaches the outbox once it is uploaded
             self._hand_in_in_background(request, result, started)
             self.carry = Carry(cursors=cursors, cap=max(1, steps))
+            # carried steps are the next round's: they take the schedule's positions (learning rate, Muon momentum)
+            # from where the global schedule will be then (every site of the round took about `steps`), not
+            # from this site's own count, which lags it by (sites - 1) x steps
+            trainer.step_count = request.schedule_step + max(1, request.sites) * steps
             trainer.stop_event.clear()     # the round's stop is handled; carried steps obey the next signals
             if self.watcher is not None:   # (the window, the signal, the server) like any other step
                 self.watcher.arm(request.round + 1, request.server_id)
