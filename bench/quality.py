@@ -325,7 +325,7 @@ def main() -> None:
                 label = c.label(k)
                 # rounds are H steps; the duration is a safety bound only (10x the rounds' expected time)
                 duration = max(600, round(10 * c.h * dt * slowdown))
-                run_id = f"k{k}-{i}-{c.outer}-{c.lr:g}-h{c.h}-{c.mode}-{c.payload}"
+                run_id = f"k{k}-{i}-{c.outer}-{c.lr:g}-{c.momentum:g}-h{c.h}-{c.mode}-{c.payload}"
                 print(f"{label} ...", flush=True)
                 started = time.monotonic()
                 expected = a.tokens / k / a.site_batch * dt * slowdown
