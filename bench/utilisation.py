@@ -521,13 +521,15 @@ def main() -> None:
         print(f"model: depth {args.depth}, vocab {D20_VOCAB:,}: {params:,} parameters, fp32 masters "
               f"({params * 4 / GiB:.2f} GB); {args.sites} sites + a solo baseline; curtailment=always; eval-tokens=0 "
               f"(evaluating d20 on this CPU would dominate: the server's evaluation is not measured)")
-        print(f"round modes: {', '.join(modes)}" + ("" if built or args.modes else
+        print(f"round modes: {', '.join(modes)}; solo baseline: {'overlap' if 'overlap' in modes else 'sync'}" + ("" if built or args.modes else
               "  (overlap: not built yet: no module of pilot/ reads round-mode; --modes sync,overlap runs it anyway, "
               "labelled)"), flush=True)
         for case in cases(args):
             outcomes = [deployment(work, case, mode, args.sites, args, data, tok_dir) for mode in modes]
-            if not args.no_solo:
-                outcomes.append(deployment(work, case, "sync", 1, args, data, tok_dir))
+            if not args.no_solo:   # the solo baseline in the round mode a federated run would use with it: a
+                # lone site under "overlap" hands its weights in on a thread and trains on (under "sync" it waits)
+                solo_mode = "overlap" if "overlap" in modes else "sync"
+                outcomes.append(deployment(work, case, solo_mode, 1, args, data, tok_dir))
             report(case, outcomes, params * 4, args)
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
