@@ -50,6 +50,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import queue
 import sys
 import threading
 import time
@@ -645,11 +646,13 @@ class SiteTrainer:
             self.handing_in = None
 
     def can_carry_on(self) -> bool:
-        """Between rounds in overlap mode: take another carried step? (every rank gets rank 0's answer)"""
+        """Between rounds in overlap mode: take another carried step? (every rank gets rank 0's answer) The
+        watcher's thread reads the window, the signal and the server for the armed next round and raises the
+        stop flag, as during a round; no Redis round trip here (over a WAN one costs a good part of a step)."""
         go = False
         if self.info.rank == 0 and self.carry is not None and self.carry.steps < self.carry.cap \
                 and not self.trainer.stop_event.is_set() and self.watcher is not None:
-            go = self.watcher.check() is None
+            go = not self.watcher.reason
         return bool(broadcast_json(go, self.info))
 
     def carry_step(self, next_round: int) -> None:
@@ -672,6 +675,46 @@ class SiteTrainer:
         self._push_metrics(next_round, result)
         if result.stop:
             carry.cap = carry.steps   # the watcher saw a closed window or a stale signal: no more carried steps
+
+
+class InboxReader:
+    """Rank 0: reads the site's inbox on a thread (a blocking XREAD), so that no step waits for a Redis round
+    trip (over a WAN that is a good part of a step while carried steps run between rounds); the serve loop takes
+    the entries from a queue, in order. Redis unavailable: it says so once, and tries again."""
+
+    def __init__(self, client: redis.Redis, key: str, last_id: str):
+        self.r, self.key, self.last_id = client, key, last_id
+        self.entries: queue.Queue[dict] = queue.Queue()
+        self.error: redis.RedisError | None = None     # the last failed read, until a read succeeds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="inbox", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                found = self.r.xread({self.key: self.last_id}, block=INBOX_BLOCK_MS, count=16)
+            except redis.RedisError as error:
+                if self.error is None:
+                    log(f"inbox: Redis unavailable ({error})")
+                self.error = error
+                self._stop.wait(REDIS_RETRY_S)
+                continue
+            self.error = None
+            for _, entries in found or []:
+                for entry_id, fields in entries:
+                    self.last_id = entry_id
+                    self.entries.put(dict(fields, id=entry_id))
+
+    def take(self, timeout: float | None) -> dict | None:
+        """The next entry: at once (timeout None or 0) or within `timeout` seconds; None if there is none."""
+        try:
+            return self.entries.get(timeout=timeout) if timeout else self.entries.get_nowait()
+        except queue.Empty:
+            return None
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def hand_in(client: redis.Redis, run: str, site: str, result: RoundResult, inbox_id: str) -> None:
@@ -715,36 +758,31 @@ def serve(args: argparse.Namespace) -> int:
     heartbeat = Heartbeat(client, args.run_id, args.site) if client is not None else None
     spec = broadcast_json(wait_for_train_config(client, args.run_id) if client is not None else None, info)
     site = SiteTrainer(args.site, args.run_id, client, info, spec)
-    inbox = protocol.inbox_key(args.run_id, args.site)
-    last_id = "$"
+    reader: InboxReader | None = None
     orphan_timeout = float(os.environ.get(protocol.ORPHAN_TIMEOUT_ENV) or protocol.ORPHAN_TIMEOUT_S)
     server_seen = time.monotonic()
     taken = ("", 0)   # (server, round) of the last request taken: a second copy of it is skipped
     if client is not None:
         # work written before this process started is still there: start after the last handled entry
         last_id = client.hget(protocol.trainer_key(args.run_id, args.site), "inbox_id") or "0-0"
+        reader = InboxReader(client, protocol.inbox_key(args.run_id, args.site), last_id)
         heartbeat.update(status="idle")
         log(f"site {args.site}: ready (pid {os.getpid()}, {info.world_size} rank(s) on {info.device})")
     while True:
         message = None
         carrying = site.carry is not None and site.can_carry_on()   # overlap: train on while the update travels
-        if client is not None:
-            try:
-                entries = client.xread({inbox: last_id}, block=None if carrying else INBOX_BLOCK_MS, count=1)
-                server_alive = not entries and client.exists(protocol.server_alive_key(args.run_id))
-            except redis.RedisError as error:   # wait for it (an outage is not the server's absence)
-                log(f"site {args.site}: Redis unavailable ({error})")
-                entries, server_alive = None, False
-                time.sleep(REDIS_RETRY_S)
-            if entries:
-                entry_id, fields_ = entries[0][1][0]
-                last_id = entry_id
-                message = dict(fields_, id=entry_id)
-            elif server_alive:
-                server_seen = time.monotonic()
-            elif time.monotonic() - server_seen > orphan_timeout:
-                log(f"site {args.site}: no server for {orphan_timeout:.0f} s: exiting")
-                message = {"kind": "shutdown"}
+        if reader is not None:
+            message = reader.take(None if carrying else INBOX_BLOCK_MS / 1000)
+            if message is None and not carrying:   # idle: is there still a server to wait for?
+                try:
+                    server_alive = reader.error is None and client.exists(protocol.server_alive_key(args.run_id))
+                except redis.RedisError:   # (an outage is not the server's absence: the reader says so)
+                    server_alive = False
+                if server_alive:
+                    server_seen = time.monotonic()
+                elif reader.error is None and time.monotonic() - server_seen > orphan_timeout:
+                    log(f"site {args.site}: no server for {orphan_timeout:.0f} s: exiting")
+                    message = {"kind": "shutdown"}
         message = broadcast_json(message, info)
         if message is None:
             if carrying:
@@ -796,6 +834,8 @@ def serve(args: argparse.Namespace) -> int:
             heartbeat.update(status="idle", step=site.steps_total)
             log(f"round {request.round}: {result.steps} steps, {result.tokens} tokens, loss {result.loss:.4f}, "
                 f"stopped: {result.reason or '-'}")
+    if reader is not None:
+        reader.stop()
     site._wait_handed_in()   # a result still on its way is handed in before the process ends
     if site.loader is not None:
         site.loader.close()  # its reader thread may be mid-read (carried steps): stop it before the interpreter does
