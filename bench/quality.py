@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
 
-from pilot.coordination import free_port, wait_for_port  # noqa: E402
+from pilot.coordination import EmbeddedRedis, free_port, wait_for_port  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -185,6 +185,7 @@ def deployment(work: Path, run_id: str, sites: int, run_config: list[str], timeo
             proc.wait()
         log.close()
         stop_trainers(run_id)
+        EmbeddedRedis(run_dir).stop()   # the run's embedded Redis: nothing of the run is left to release it
 
 
 def stop_trainers(run_id: str) -> None:

@@ -110,3 +110,5 @@ def test_a_site_keeps_stepping_through_the_sync_and_folds_the_average_in(kind, t
     finally:
         if trainer.poll() is None:
             trainer.kill()
+            trainer.wait(timeout=30)
+        coordination.EmbeddedRedis(run_dir).stop()   # a killed trainer releases nothing: no redis-server left behind

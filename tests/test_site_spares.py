@@ -101,3 +101,5 @@ def test_a_site_leases_its_next_shard_mid_round_and_the_ledger_accounts_every_ro
     finally:
         if trainer.poll() is None:
             trainer.kill()
+            trainer.wait(timeout=30)
+        coordination.EmbeddedRedis(run_dir).stop()   # a killed trainer releases nothing: no redis-server left behind
