@@ -305,7 +305,7 @@ class Federation:
                     results[site] = RoundResult.from_json(str(reply.content[RESULT_KEY]["result"]))
             # a result also lands in the site's outbox: it counts even if the site's SuperNode died on the way
             for site in set(ids.values()) - set(results):
-                result = self.result_in_outbox(site, number)
+                result = process.handed_in(self.r, self.run_id, site, number, self.server_id)
                 if result is not None:
                     results[site] = result
             tell()
@@ -335,18 +335,14 @@ class Federation:
         self.r.set(protocol.stop_key(self.run_id, number), stop_reason or "round over", ex=24 * 3600)
         return results, stop_reason
 
-    def result_in_outbox(self, site: str, number: int) -> RoundResult | None:
-        return process.handed_in(self.r, self.run_id, site, number, self.server_id)
-
-    def deliver_directly(self, number: int, messages: dict[str, Message]) -> list[str]:
+    def deliver_directly(self, number: int, messages: dict[str, Message]) -> None:
         """Each round request also goes straight into the inbox of a live trainer that trusts this server's key,
         as the ClientApp would put it there: the round starts without waiting for the SuperNode's poll and a
         fresh ClientApp process (seconds a round). The ClientApp's relay stays the path of record (it starts a
         trainer that is not up, and relays the result); the trainer takes the round once, whichever copy comes
-        first. Returns the sites delivered to."""
+        first."""
         if not self.settings.rounds.direct_delivery:
-            return []
-        delivered = []
+            return
         for site, message in sorted(messages.items()):
             record = message.content[ROUND_KEY]
             try:
@@ -355,10 +351,8 @@ class Federation:
                     continue
                 process.deliver(self.r, self.run_id, site, signing.inbox_fields(
                     str(record["request"]), str(record[signing.SIGNATURE_KEY]), number), via="server")
-                delivered.append(site)
             except redis.RedisError as error:   # Flower's relay still brings it
                 log(WARNING, "pilot: round %d not delivered straight to %s: %s", number, site, error)
-        return delivered
 
     def close(self) -> None:
         self.after_round.drain()

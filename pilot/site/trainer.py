@@ -773,14 +773,15 @@ def serve(args: argparse.Namespace) -> int:
         carrying = site.carry is not None and site.can_carry_on()   # overlap: train on while the update travels
         if reader is not None:
             message = reader.take(None if carrying else INBOX_BLOCK_MS / 1000)
-            if message is None and not carrying:   # idle: is there still a server to wait for?
+            # idle with Redis answering: is there still a server to wait for? (an outage is not its absence)
+            if message is None and not carrying and reader.error is None:
                 try:
-                    server_alive = reader.error is None and client.exists(protocol.server_alive_key(args.run_id))
-                except redis.RedisError:   # (an outage is not the server's absence: the reader says so)
+                    server_alive = client.exists(protocol.server_alive_key(args.run_id))
+                except redis.RedisError:
                     server_alive = False
                 if server_alive:
                     server_seen = time.monotonic()
-                elif reader.error is None and time.monotonic() - server_seen > orphan_timeout:
+                elif time.monotonic() - server_seen > orphan_timeout:
                     log(f"site {args.site}: no server for {orphan_timeout:.0f} s: exiting")
                     message = {"kind": "shutdown"}
         message = broadcast_json(message, info)
