@@ -19,6 +19,8 @@ from nanochat.trainer import TrainConfig, plan_training
 from pilot import coordination, protocol
 from pilot.dataplane import payload
 from pilot.dataplane.server import BlobServer
+from pilot.server.publish import Publisher
+from pilot.site.trainer import fold_global
 from pilot.dataplane.store import BlobStore
 from pilot.energy.events import site_key
 from pilot.protocol import RoundRequest, RoundResult
@@ -50,6 +52,9 @@ def test_a_site_keeps_stepping_through_the_sync_and_folds_the_average_in(kind, t
     r.set(protocol.server_alive_key(RUN), "srv")
     r.hset(site_key(RUN, SITE), mapping={"curtailed": 1})
     store = BlobStore()
+    # bf16 runs send the next global model as a delta to the view the site holds; int4 runs send it whole:
+    # the fold's two paths
+    publisher = Publisher(store, deltas=kind == "delta-bf16")
     global_1 = {k: v.clone() for k, v in build_model(plan.model_config, seed=0).state_dict().items()}
     shards = [p.name for p in sorted(text_shards.glob("shard_*.parquet"))[:2]]
     trainer = subprocess.Popen(
@@ -58,14 +63,15 @@ def test_a_site_keeps_stepping_through_the_sync_and_folds_the_average_in(kind, t
         env=subprocess_env(PILOT_REDIS_URL=url, PILOT_SITE_THREADS="1"))
     try:
         with BlobServer(store, token="t") as server:
-            def request(n: int, digest: str, cursors) -> None:
-                req = RoundRequest(round=n, server_id="srv", weights_digest=digest, blob_url=server.url,
+            def request(n: int, sent, cursors) -> None:
+                req = RoundRequest(round=n, server_id="srv", weights_digest=sent.digest, blob_url=server.url,
+                                   delta_digest=sent.delta_digest, delta_base=sent.delta_base,
                                    blob_token="t", shards=shards, cursors=cursors, schedule_step=0, max_steps=10**6,
                                    update_payload=kind, round_mode="overlap")
                 r.xadd(protocol.inbox_key(RUN, SITE), {"kind": "train", "round": n, "request": req.to_json()},
                        maxlen=1)
 
-            request(1, store.publish(global_1), None)
+            request(1, publisher.publish(global_1), None)
             while len(steps_of(r)) < 40:   # round 1 lasts longer than the sync below (a site carries one round's worth)
                 assert trainer.poll() is None, trainer.stdout.read()
                 time.sleep(0.05)
@@ -78,7 +84,7 @@ def test_a_site_keeps_stepping_through_the_sync_and_folds_the_average_in(kind, t
             assert got == kind
             global_2 = payload.decode_update(delta, global_1, kind)
             time.sleep(0.5)
-            request(2, store.publish(global_2), first.cursors)
+            request(2, publisher.publish(global_2), first.cursors)
             time.sleep(1.5)
             r.set(protocol.stop_key(RUN, 2), "round duration reached")
             second = wait_result(r, 2)
@@ -95,6 +101,12 @@ def test_a_site_keeps_stepping_through_the_sync_and_folds_the_average_in(kind, t
         assert max(gaps) <= 2 * typical + 0.25, (max(gaps), typical)   # 0.25 s: the metrics' wall-clock stamps
         # the steps taken while the update travelled belong to round 2, and count there once
         assert second.status == "ok" and second.extra["carried_steps"] > 0, second
+        # the next global model came as a bf16 delta to the view the site held (half the bytes), or whole
+        model_bytes = sum(t.numel() * t.element_size() for t in global_1.values())
+        if kind == "delta-bf16":
+            assert second.extra["fetch"] == "delta" and second.extra["fetch_bytes"] < 0.55 * model_bytes, second.extra
+        else:
+            assert second.extra["fetch"] == "whole" and second.extra["fetch_bytes"] > model_bytes, second.extra
         assert len([s for s in steps if s["round"] == 1]) == first.steps
         assert len([s for s in steps if s["round"] == 2]) == second.steps
         assert second.tokens == second.steps * plan.total_batch_size
@@ -104,7 +116,7 @@ def test_a_site_keeps_stepping_through_the_sync_and_folds_the_average_in(kind, t
                                                                             first.cursors[0]["offset"])
         # round 2's pseudo-gradient is measured from global 2: the site's weights are global 2 minus it, finite
         _, delta_2 = payload.read_update(store.get(second.weights_digest))
-        end = payload.decode_update(delta_2, global_2, kind)
+        end = payload.decode_update(delta_2, publisher.blob.tensors, kind)
         assert all(bool(torch.isfinite(t).all()) for t in end.values())
         assert not torch.equal(end["lm_head.weight"], global_2["lm_head.weight"])
     finally:
@@ -112,3 +124,38 @@ def test_a_site_keeps_stepping_through_the_sync_and_folds_the_average_in(kind, t
             trainer.kill()
             trainer.wait(timeout=30)
         coordination.EmbeddedRedis(run_dir).stop()   # a killed trainer releases nothing: no redis-server left behind
+
+
+@pytest.mark.parametrize("kind", ["delta-bf16", "delta-int4"])
+@pytest.mark.parametrize("comes", ["delta", "whole"])
+def test_the_fold_puts_the_progress_since_the_boundary_on_the_new_global_model(kind, comes):
+    """W <- W + (G - S) + D~: the weights end as the new global model plus what the site did since the boundary,
+    plus what its payload left out of its pseudo-gradient (which the next pseudo-gradient then carries)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"h.weight": (96, 64), "h.bias": (300,), "emb": (2_100_000,)}   # one above a block (payload.BLOCK)
+    view = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}                          # S
+    boundary = {k: v - 0.01 * torch.randn(v.shape, generator=gen) for k, v in view.items()}       # W at the boundary
+    sent_blob = payload.delta_blob(view, boundary, kind)                                           # D~ = enc(S - W_b)
+    progress = {k: 0.003 * torch.randn(v.shape, generator=gen) for k, v in view.items()}          # carried steps
+    live = {k: boundary[k] + progress[k] for k in view}
+    masters = {k: v - 0.02 * torch.randn(v.shape, generator=gen) for k, v in view.items()}        # the server's G
+    delta = payload.global_delta(view, masters)
+    server_view = {k: v.clone() for k, v in view.items()}
+    payload.apply_global_delta(server_view, delta)                                                 # S', as sent
+    decoded = {k: d.float().clone() for k, d in payload.sent_deltas(sent_blob.tensors, kind)}
+    assert any(not torch.equal(decoded[k], view[k] - boundary[k]) for k in view), "the payload rounds"
+
+    site_view = {k: v.clone() for k, v in view.items()}
+    if comes == "delta":
+        payload.apply_global_delta(site_view, delta)     # as the fetcher does, before the fold
+        new_view = fold_global(live, site_view, (kind, sent_blob.tensors), delta=delta)
+    else:
+        new_view = fold_global(live, site_view, (kind, sent_blob.tensors),
+                               weights={k: v.clone() for k, v in server_view.items()})
+    for k in view:
+        assert torch.equal(new_view[k], server_view[k]), k            # the site holds the server's view exactly
+        left_out = (view[k] - boundary[k]) - decoded[k]                 # D - D~
+        expected = server_view[k] + progress[k] - left_out
+        torch.testing.assert_close(live[k], expected, rtol=0, atol=2e-6)
+        # the next pseudo-gradient S' - W carries what this one left out
+        torch.testing.assert_close(new_view[k] - live[k], left_out - progress[k], rtol=0, atol=2e-6)

@@ -27,7 +27,7 @@ Tensors that are not floating point (counters, masks) travel as they are in both
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -171,6 +171,31 @@ def update_blob(start: Mapping[str, torch.Tensor] | None, end: Mapping[str, torc
     return TensorBlob(encode_update(start, end, kind, reuse_start=reuse_start), {"payload": kind})
 
 
+def delta_blob(start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tensor], kind: str) -> TensorBlob:
+    """The pseudo-gradient start - end as a blob of a delta kind, with no error feedback: for a sender that keeps
+    what the payload leaves out in its own weights (an overlapping site, pilot/site/trainer.py, folds the payload
+    as sent back in). `start` and `end` are left alone; the payload is allocated (half a model in bf16)."""
+    check_kind(kind)
+    if kind == "weights-fp32":
+        raise ValueError("delta_blob: weights-fp32 is not a delta")
+    if kind in QUANTIZED:
+        return TensorBlob(quantize.encode_delta(start, end, bits=quantize.bits_for_kind(kind)), {"payload": kind})
+    return TensorBlob(encode_update(start, end, kind), {"payload": kind})
+
+
+def sent_deltas(tensors: Mapping[str, torch.Tensor], kind: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, delta) for each tensor of a delta payload, as the receiver decodes it: bf16 tensors as they are, a
+    quantized payload dequantized one tensor at a time (nothing model-sized is allocated); pass-through tensors
+    as they travel."""
+    check_kind(kind)
+    if kind == "weights-fp32":
+        raise ValueError("sent_deltas: weights-fp32 is not a delta")
+    if kind in QUANTIZED:
+        yield from quantize.iter_decoded(tensors, quantize.bits_for_kind(kind))
+    else:
+        yield from tensors.items()
+
+
 def read_update(blob: TensorBlob) -> tuple[str, dict[str, torch.Tensor]]:
     """The kind and tensors of an uploaded update (ValueError for a kind this server does not know); a quantized
     payload comes back decoded, as the fp32 pseudo-gradient it stands for."""
@@ -210,16 +235,32 @@ def global_delta(view: Mapping[str, torch.Tensor], weights: Mapping[str, torch.T
 
 
 @torch.no_grad()
+def add_into(out: torch.Tensor, plus: torch.Tensor | None = None, minus: torch.Tensor | None = None) -> None:
+    """out += fp32(plus) - fp32(minus), block by block (no tensor-sized temporary; `out` may live on another
+    device or in another dtype than the operands)."""
+    o = out.view(-1)
+    p = None if plus is None else plus.reshape(-1)
+    m = None if minus is None else minus.reshape(-1)
+    for lo in _blocks(o.numel()):
+        hi = min(lo + BLOCK, o.numel())
+        x = p[lo:hi].float() if p is not None else torch.zeros(hi - lo)
+        if m is not None:
+            x = x - m[lo:hi].float()
+        o[lo:hi] += x.to(o.device, o.dtype)
+
+
+@torch.no_grad()
 def apply_global_delta(view: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> None:
     """view <- view - fp32(delta), in place: the next view, bit for bit the server's (ValueError if the delta
     is not shaped like the view)."""
     _check_names(delta, view, "apply_global_delta")
-    for name, v in view.items():
+    for name, v in view.items():   # every tensor checked before any is written: a bad delta leaves the view whole
         d = delta[name]
-        if not v.is_floating_point():
-            v.copy_(d)
-        elif d.dtype != torch.bfloat16 or v.dtype != torch.float32 or not v.is_contiguous():
+        if v.is_floating_point() and (d.dtype != torch.bfloat16 or v.dtype != torch.float32 or not v.is_contiguous()):
             raise ValueError(f"apply_global_delta: {name} is {v.dtype} with a {d.dtype} delta; "
                              f"a view is contiguous fp32 and its delta bf16")
+    for name, v in view.items():
+        if v.is_floating_point():
+            _weights_from_delta(v, delta[name], v)
         else:
-            _weights_from_delta(v, d, v)
+            v.copy_(delta[name])

@@ -44,7 +44,7 @@ does for delta-bf16), or add_decoded (acc += alpha * delta, for averaging withou
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -316,6 +316,12 @@ def decode_delta(payload: Mapping[str, torch.Tensor], bits: int, *, out: Mapping
     return result
 
 
+def iter_decoded(payload: Mapping[str, torch.Tensor], bits: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, fp32 delta) one tensor at a time (only that tensor allocated); pass-through tensors as they are."""
+    for name, t, scales, shape in _entries(payload):
+        yield name, t if scales is None else dequantize(t, scales, shape, bits, name=name)
+
+
 def decode_weights(payload: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor], bits: int, *,
                    out: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The sender's fp32 weights, start - delta (out may be `start` itself)."""
@@ -395,4 +401,4 @@ class ErrorFeedback:
 
 __all__ = ["KINDS", "DEFAULT_BLOCK", "CHUNK", "SCALE_SUFFIX", "SHAPE_SUFFIX", "bits_for_kind", "kind_for_bits",
            "qmax", "block_for", "encoded_bytes", "payload_bytes", "quantize", "dequantize", "encode_delta",
-           "decode_delta", "decode_weights", "add_decoded", "payload_shapes", "ErrorFeedback"]
+           "decode_delta", "iter_decoded", "decode_weights", "add_decoded", "payload_shapes", "ErrorFeedback"]

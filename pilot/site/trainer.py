@@ -16,24 +16,30 @@ per-step all-reduce makes every rank stop at the same step boundary: within one 
 signal, no rank left waiting in a collective.
 
 Overlapped rounds (round-mode "overlap"; Streaming DiLoCo's overlapped outer step, DiLoCoX's one-round delay).
-The site keeps an anchor A: the global model its weights W descend from. At a round's end it computes its
-pseudo-gradient D = A - W, hands it in on a background thread (upload, then the result) and sets A <- W; it
-trains on (W keeps moving: the next round's work, "carried") while the server averages. When the next global
-model G arrives (fetched on a background thread too), it is folded in at a step boundary:
+The site keeps the view S: the global model as the server sent it, which its weights W descend from. At a
+round's end it encodes its pseudo-gradient as the round's payload asks, D~ = enc(S - W) (bf16, or int8/4/2),
+keeps D~, and a background thread uploads it and hands the result in; the site trains on (W keeps moving: the
+next round's work, "carried") while the server averages. Its weights now descend from S - D~: the model as the
+server sees this site. When the next global model G arrives (on a background thread too: the bf16 delta to S,
+applied to S there and checked, S' == G bit for bit; or G whole), it is folded in at a step boundary:
 
-    W <- W + (G - A);   A <- G
+    W <- W + (G - S) + D~;   S <- G;   D~ let go of
 
-so the site keeps the progress it made since the boundary (W - A) on top of the new global model, and its next
-pseudo-gradient A - W_end = G - W_end is again measured from a global model, as the outer optimizer expects. It
-is one round late: the steps taken before the fold were computed on weights that did not yet hold the last
-average, which is the delay the overlapped outer step accepts to keep the accelerators busy. A lone site's
-upload is adopted by the server as the global model, so G == A and the fold changes nothing. The carried steps
-count in the next round's result (tokens, steps, data cursors), and only if that round continues this site's
-data exactly where it stopped (the ledger committed what the site reported); otherwise they are dropped: the
-exact global weights are loaded and the loader rebuilt at the request's cursors, so no row is counted twice.
-A closed window, a stale signal or a replaced server stops carrying at once; carrying also stops after one
-round's worth of steps without a new request. Memory at rank 0: W, A and, while a fetch or upload is in
-flight, one more copy (the fetched G, or half of one for a bf16 pseudo-gradient): at most three model copies.
+that is W <- G + (W - (S - D~)): the site keeps the progress it made since the boundary on top of the new global
+model, and its next pseudo-gradient S' - W_end is again measured from a global model, as the outer optimizer
+expects. What the payload left out of the true pseudo-gradient (its bf16 rounding or quantization error) stays in
+W and goes out with the next pseudo-gradient: error feedback with no residual buffer (an overlapping boundary does
+not use the site's separate one). The fold is one round late: the steps taken before it were computed on weights
+that did not yet hold the last average, which is the delay the overlapped outer step accepts to keep the
+accelerators busy. A lone site hands in its weights (weights-fp32): they are copied into the view's memory and the
+server adopts them as the global model, so G == S and nothing is fetched or folded. The carried steps count in
+the next round's result (tokens, steps, data cursors), and only if that round continues this site's data exactly
+where it stopped (the ledger committed what the site reported); otherwise they are dropped: the exact global
+weights are loaded and the loader rebuilt at the request's cursors, so no row is counted twice. A closed window,
+a stale signal or a replaced server stops carrying at once; carrying also stops after one round's worth of steps
+without a new request. Memory at rank 0: W, S, and while a round's update and the next global model travel the
+bf16 D~ and the bf16 delta, half a model each: three model copies at most (a global model fetched whole, with
+global-payload "weights-fp32", takes a whole copy instead of the delta's half).
 
 Failing: whatever one rank cannot do (fetch, check the weights, open its shards, read a row group, upload)
 the ranks learn together (`agreed`: one all-reduce of a flag, then the failing rank's reason as JSON), and
@@ -91,6 +97,35 @@ class Carry:
     loss_sum: float = 0.0
     training_s: float = 0.0
     wall_start: float = field(default_factory=time.time)
+
+
+@torch.no_grad()
+def fold_global(live: dict[str, torch.Tensor], view: dict[str, torch.Tensor],
+                sent: tuple[str, dict[str, torch.Tensor]] | None, *, weights: dict[str, torch.Tensor] | None = None,
+                delta: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Fold a new global model G into weights W that descend from the view S less the update as sent, D~
+    (overlap mode, the module's docstring): W <- W + (G - S) + D~, in place, tensor by tensor, block by block.
+    G - S is -fp32(delta) when the bf16 delta came (`view` is S' already: applied as it was fetched), G - S
+    itself when G came whole (`weights`), nothing when G is the view. Returns the new view."""
+    if weights is not None:
+        for name, tensor in live.items():
+            if tensor.is_floating_point():
+                payload.add_into(tensor, plus=weights[name], minus=view[name])
+            else:
+                tensor.copy_(weights[name])
+        view = weights
+    elif delta is not None:
+        for name, tensor in live.items():
+            if tensor.is_floating_point():
+                payload.add_into(tensor, minus=delta[name])
+            else:
+                tensor.copy_(delta[name])
+    if sent is not None:
+        kind, tensors = sent
+        for name, d in payload.sent_deltas(tensors, kind):
+            if live[name].is_floating_point():
+                payload.add_into(live[name], plus=d)
+    return view
 
 
 class RoundFailed(Exception):
@@ -225,10 +260,11 @@ class SiteTrainer:
         self.view_digest = ""
         self.fetched = ("held", 0)   # rank 0: how this round's global weights came: held / delta / whole, and bytes
         self.steps_total = 0        # optimizer steps this process has taken, across rounds
-        # overlap mode (see the module's docstring)
-        self.anchor: dict[str, torch.Tensor] | None = None   # rank 0: A, the global model W descends from
+        # overlap mode (see the module's docstring): the view is the global model S the weights descend from,
+        # less the last update as it was sent (its payload, kept until the next global model is folded in)
+        self.sent: tuple[str, dict[str, torch.Tensor]] | None = None   # rank 0: (payload kind, its tensors)
         self.carry: Carry | None = None
-        self.incoming: dict | None = None        # rank 0: {"weights": G, "digest": ..., "error": ...} from the fetcher
+        self.incoming: dict | None = None        # rank 0: the fetcher's {"delta" | "weights", "digest", "error"}
         self.fetcher: threading.Thread | None = None
         self.handing_in: threading.Thread | None = None     # rank 0: the last round's upload and result
         self.boundary_failed = False             # that upload failed: the next round loads the exact weights
@@ -282,22 +318,33 @@ class SiteTrainer:
             if self.last_digest != base:
                 return None
             view = self.trainer.get_weights()   # the model holds the base itself (it trained no step since)
+        return view if self._apply_delta(request, view) is not None else None
+
+    def _apply_delta(self, request: RoundRequest, view: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Rank 0: fetch the round's bf16 global delta and apply it to `view` (the request's delta base) in place,
+        checked against the request's digest. Returns the delta's tensors; None when it could not be fetched or
+        did not make the right weights (then `view` is put back, up to one rounding, and the weights are to be
+        fetched whole)."""
+        base = request.delta_base
         try:
             delta = fetch_blob(request.blob_url, request.delta_digest, token=request.blob_token,
                                ssl_context=site_tls(request.blob_ca))
             if delta.metadata.get("payload") != payload.GLOBAL_DELTA or delta.metadata.get("base") != base:
                 raise ValueError(f"blob {request.delta_digest[:12]} is not a global delta to {base[:12]}")
-            payload.apply_global_delta(view, delta.tensors)
-            self.fetched = ("delta", delta.size)
-            del delta
-            made = TensorBlob(view).digest
-            if made != request.weights_digest:
-                raise ValueError(f"the weights made from the delta hash to {made[:12]}, "
-                                 f"not {request.weights_digest[:12]}")
+            payload.apply_global_delta(view, delta.tensors)   # checks every tensor before it writes any
         except (BlobError, ValueError) as error:
             log(f"round {request.round}: the global delta did not apply ({error}); fetching the weights whole")
             return None
-        return view
+        self.fetched = ("delta", delta.size)
+        made = TensorBlob(view).digest
+        if made != request.weights_digest:
+            log(f"round {request.round}: the weights made from the global delta hash to {made[:12]}, not "
+                f"{request.weights_digest[:12]}; fetching the weights whole")
+            for name, tensor in view.items():
+                if tensor.is_floating_point():
+                    payload.add_into(tensor, plus=delta.tensors[name])
+            return None
+        return delta.tensors
 
     def forget(self) -> None:
         """After a failed round: the model may no longer hold the global weights it was sent (steps taken, or a
@@ -307,7 +354,7 @@ class SiteTrainer:
         self.last_digest = ""
         self.round_start = None
         self.view, self.view_digest = None, ""
-        self.anchor, self.carry, self.incoming, self.leased = None, None, None, []
+        self.sent, self.carry, self.incoming, self.leased = None, None, None, []
         if self.feedback is not None:   # its residual was measured against weights this site no longer holds
             self.feedback.reset()
         self.trainer.model.zero_grad(set_to_none=True)   # a step that raised may have left its gradients
@@ -378,9 +425,9 @@ class SiteTrainer:
         start = self.round_start
         if start is None and request.update_payload == "weights-fp32":
             start = self.trainer.get_weights()
-        # a sync round's start weights are the global model the next one comes as a delta to: kept (the bf16
+        # the round's start weights are the global model the next one comes as a delta to: kept (the bf16
         # payload then takes half a model of its own), unless the update is the weights themselves
-        keep = request.round_mode == "sync" and request.update_payload != "weights-fp32" and start is not None
+        keep = request.update_payload != "weights-fp32" and start is not None
         blob = update_blob(start, self.trainer.model.state_dict(), request.update_payload,
                            feedback=self._feedback(request.update_payload), reuse_start=not keep)
         self.view, self.view_digest = (start, request.weights_digest) if keep else (None, "")
@@ -416,19 +463,19 @@ class SiteTrainer:
         # a request that waited in the inbox past its window (or its signal's freshness) trains no step at all
         reason = broadcast_json(self.watcher.check() if self.watcher is not None else None, self.info) or ""
         if reason and carry is not None:
-            # no step may train now, so the new global model is not folded in: the carried steps (on the last
-            # anchor) are dropped with the anchor, and their rows stay uncommitted for whoever trains them next
+            # no step may train now, so the new global model is not folded in: the carried steps are dropped
+            # (the weights are fetched exact next time), and their rows stay uncommitted for whoever trains them next
             log(f"round {request.round}: {reason}: {carry.steps} carried step(s) dropped")
-            carry, self.anchor, self.last_digest = None, None, ""
+            carry, self.sent, self.last_digest = None, None, ""
         setting_up = time.perf_counter()
         if not reason:
             if carry is not None:
                 self._fetch_in_background(request)
             else:
                 self._load_weights(request)
-                if overlap and self.info.rank == 0:
-                    self.anchor = self.round_start if self.round_start is not None else self.trainer.get_weights()
-                    self.round_start = None
+                if overlap and self.info.rank == 0:   # the view: the global model the weights descend from
+                    self.view = self.round_start if self.round_start is not None else self.trainer.get_weights()
+                    self.view_digest, self.round_start = request.weights_digest, None
             self._set_data(request, carried=carry is not None)
         set_up_s = time.perf_counter() - setting_up   # the weights fetch (on the path in sync mode) and the data
         trainer.step_count = request.schedule_step + (carry.steps if carry else 0)
@@ -483,7 +530,7 @@ class SiteTrainer:
             extra={"stopped_at": stopped_at, "wall_start": wall_start, "carried_steps": carry.steps if carry else 0,
                    "spares": spares, "set_up_s": round(set_up_s, 3),
                    "fetch": self.fetched[0], "fetch_bytes": self.fetched[1], "via": self.via})
-        if overlap and steps > 0 and broadcast_json(self.anchor is not None and self._may_carry_on(reason), self.info):
+        if overlap and steps > 0 and broadcast_json(self.view is not None and self._may_carry_on(reason), self.info):
             # hand the update in on a thread and train on: the result reaches the outbox once it is uploaded
             self._hand_in_in_background(request, result, started)
             self.carry = Carry(cursors=cursors, cap=max(1, steps))
@@ -496,8 +543,8 @@ class SiteTrainer:
                 self.watcher.arm(request.round + 1, request.server_id)
             return dataclasses.replace(result, status="pending")   # the serve loop: the thread hands it in
         if steps > 0:  # with no step taken the model still holds the global weights it was sent
-            if overlap and self.info.rank == 0 and self.anchor is not None:
-                self.round_start, self.anchor = self.anchor, None   # the sync path hands in from the anchor
+            if overlap and self.info.rank == 0 and self.view is not None:
+                self.round_start = self.view   # the sync path hands in from the view (kept as the view again)
             uploading = time.perf_counter()
             digest = agreed(self.info, "uploading the round's update", self._upload, request)
             result.extra["upload_s"] = round(time.perf_counter() - uploading, 3)   # encode + upload, on the path
@@ -532,8 +579,7 @@ class SiteTrainer:
             if carry is not None and carry.steps:
                 log(f"round {request.round}: {carry.steps} carried step(s) dropped (the round does not continue "
                     f"this site's data, or its last update was not handed in); loading the exact global weights")
-            self.last_digest = ""
-            self.anchor = None
+            self.last_digest, self.sent = "", None   # the view stays: a delta to it still serves
         return None
 
     def _gather_flags(self, flag: bool) -> list[bool]:
@@ -545,25 +591,37 @@ class SiteTrainer:
         return [bool(t.item())]
 
     def _fetch_in_background(self, request: RoundRequest) -> None:
-        """Rank 0 fetches the round's global model on a thread (nothing to fetch when it is this site's own
-        upload, adopted as it was: the anchor already is that model)."""
+        """Rank 0 fetches the round's global model on a thread: nothing when it is the view itself (a lone site's
+        upload adopted as it was, or nothing aggregated); the bf16 delta to the view, applied to the view there
+        and then (checked against the digest); else the weights whole."""
         self.incoming = None
-        if self.info.rank != 0 or request.weights_digest == self.last_digest:
+        if self.info.rank != 0:
+            return
+        if request.weights_digest == self.view_digest:
+            self.incoming = {"delta": None, "weights": None, "digest": request.weights_digest, "error": ""}
             return
 
         def fetch() -> None:
+            incoming = {"delta": None, "weights": None, "digest": request.weights_digest, "error": ""}
             try:
-                weights = self._fetch(request)
-                self.incoming = {"weights": weights, "digest": request.weights_digest, "error": ""}
+                if request.delta_digest and request.delta_base and request.delta_base == self.view_digest:
+                    incoming["delta"] = self._apply_delta(request, self.view)
+                if incoming["delta"] is None:
+                    staging = {k: torch.empty_like(v) for k, v in self.view.items()}
+                    blob = fetch_blob(request.blob_url, request.weights_digest, token=request.blob_token,
+                                      into=staging, ssl_context=site_tls(request.blob_ca))
+                    self.fetched = ("whole", blob.size)
+                    incoming["weights"] = staging
+                check_finite(incoming["weights"] or self.view, request.weights_digest)
             except ROUND_ERRORS as error:
-                self.incoming = {"weights": None, "digest": request.weights_digest,
-                                 "error": f"fetching the global weights: {error}"}
+                incoming["error"] = f"fetching the global weights: {error}"
+            self.incoming = incoming
 
         self.fetcher = threading.Thread(target=fetch, name="fetch-global", daemon=True)
         self.fetcher.start()
 
     def _fold_if_arrived(self, request: RoundRequest, wait: bool = False) -> None:
-        """At a step boundary: fold the fetched global model in (W += G - A; A <- G), on every rank together."""
+        """At a step boundary: fold the new global model in (the module's docstring), on every rank together."""
         if self.info.rank == 0 and wait and self.fetcher is not None:
             self.fetcher.join()
         ready = self.info.rank == 0 and self.incoming is not None
@@ -575,37 +633,31 @@ class SiteTrainer:
             raise RoundFailed(state["error"])
         if self.info.rank == 0:
             incoming, self.incoming, self.fetcher = self.incoming, None, None
-            weights = incoming["weights"]
-            with torch.no_grad():
-                live = self.trainer.model.state_dict()
-                for name, g in weights.items():
-                    if g.is_floating_point():
-                        live[name].add_((g - self.anchor[name]).to(live[name].device, live[name].dtype))
-                    else:
-                        live[name].copy_(g)
-            self.anchor = weights
-            self.last_digest = incoming["digest"]
+            self.view = fold_global(self.trainer.model.state_dict(), self.view, self.sent,
+                                    weights=incoming["weights"], delta=incoming["delta"])
+            self.sent = None
+            self.view_digest = self.last_digest = incoming["digest"]
         if self.info.world_size > 1:
             for tensor in self.trainer.model.state_dict().values():
                 dist.broadcast(tensor, 0)
         self.last_digest = broadcast_json(self.last_digest if self.info.rank == 0 else "", self.info)
 
     def _hand_in_in_background(self, request: RoundRequest, result: RoundResult, started: float) -> None:
-        """Rank 0: the round's update (A - W, or W itself for weights-fp32) is encoded now, A <- W, and a thread
-        uploads it and then hands the result in; the other ranks go on at once."""
+        """Rank 0: the round's update is encoded now (D~ = bf16(S - W), kept as sent; or for weights-fp32, W
+        copied into the view's memory, which it becomes), and a thread uploads it and then hands the result in;
+        the other ranks go on at once."""
         if self.info.rank != 0:
             return
         live = self.trainer.model.state_dict()
         if request.update_payload == "weights-fp32":
-            self.anchor = self.trainer.get_weights()             # A <- W, and A itself is the payload
-            blob = TensorBlob(self.anchor, {"payload": "weights-fp32"})
-        else:
-            # D = A - W in the payload's own (smaller) tensors, then A <- W in A's own memory
-            blob = update_blob(self.anchor, live, request.update_payload, reuse_start=False,
-                               feedback=self._feedback(request.update_payload))
             with torch.no_grad():
                 for name, tensor in live.items():
-                    self.anchor[name].copy_(tensor.detach().to(self.anchor[name].device))
+                    self.view[name].copy_(tensor.detach())
+            self.view_digest, self.sent = "", None   # named once uploaded: the blob's digest
+            blob = TensorBlob(self.view, {"payload": "weights-fp32"})
+        else:
+            blob = payload.delta_blob(self.view, live, request.update_payload)
+            self.sent = (request.update_payload, blob.tensors)
         site, metrics = self, self.metrics
 
         def hand() -> None:
@@ -613,8 +665,11 @@ class SiteTrainer:
                 digest = upload_blob(request.blob_url, blob, token=request.blob_token,
                                      ssl_context=site_tls(request.blob_ca))
                 result.weights_digest = digest
-                # a weights-fp32 upload is what the server adopts as the global model: the site holds it (as A)
-                site.last_digest = digest if request.update_payload == "weights-fp32" else ""
+                # a weights-fp32 upload is what the server adopts as the global model: the site holds it (the view)
+                if request.update_payload == "weights-fp32":
+                    site.view_digest = site.last_digest = digest
+                else:
+                    site.last_digest = ""
             except BlobError as error:
                 result.status, result.reason = "error", f"uploading the round's update: {error}"
                 site.boundary_failed, site.last_digest = True, ""
