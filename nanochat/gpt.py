@@ -248,6 +248,18 @@ def build_model(config: GPTConfig, device: torch.device | str = "cpu", seed: int
     return model
 
 
+def model_of(config: GPTConfig, weights: dict[str, torch.Tensor]) -> GPT:
+    """A model whose parameters are `weights` themselves, not a copy (evaluating weights held elsewhere: the
+    server's global model costs no second copy); only the rotary tables are allocated."""
+    with torch.device("meta"):
+        model = GPT(config)
+    head_dim = config.n_embd // config.n_head
+    model.cos, model.sin = GPT._rotary_tables(model.rotary_seq_len, head_dim,
+                                              device=next(iter(weights.values())).device)
+    model.load_state_dict(weights, assign=True)
+    return model
+
+
 def count_params(config: GPTConfig) -> int:
     """Parameter count of a config, computed on the meta device (no memory)."""
     with torch.device("meta"):

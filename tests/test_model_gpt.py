@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from nanochat.gpt import GPT, GPTConfig, build_model, config_from_depth, count_params
+from nanochat.gpt import GPT, GPTConfig, build_model, config_from_depth, count_params, model_of
 
 D20_PARAMS = 560_988_160      # nanochat's classic d20 (FACTS)
 D32_PARAMS = 1_879_048_192
@@ -137,3 +137,19 @@ def test_generate_is_deterministic_for_a_seed():
     assert len(a) == 6 and all(0 <= t < 97 for t in a)
     greedy = list(model.generate([1, 2, 3], 4, temperature=0))
     assert greedy == list(model.generate([1, 2, 3], 4, temperature=0, seed=99))
+
+
+def test_a_model_of_given_weights_uses_them_without_a_copy():
+    """The server evaluates its global model in place (no second copy of d20's 2.2 GB)."""
+    cfg = tiny()
+    reference = build_model(cfg, seed=3)
+    with torch.no_grad():
+        reference.lm_head.weight.normal_(0.0, 0.02)   # not the zero init: the logits depend on every weight
+    weights = {k: v.clone() for k, v in reference.state_dict().items()}
+    model = model_of(cfg, weights)
+    assert all(model.state_dict()[k].data_ptr() == w.data_ptr() for k, w in weights.items())
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    with torch.no_grad():
+        weights["lm_head.weight"].zero_()     # the same memory: the model sees the change
+    assert model(x).abs().max().item() == 0.0

@@ -84,3 +84,25 @@ def test_a_delta_shaped_unlike_the_view_is_refused():
         assert "scale" in str(error)
     else:
         raise AssertionError("a delta without every tensor was applied")
+
+
+def test_the_publisher_does_not_keep_the_last_masters_alive():
+    """Once an outer step has made new masters, the old ones go before the next round is published (a d20 copy
+    is 2.2 GB): the publisher remembers the masters it made the view from weakly."""
+    import gc
+    import weakref
+
+    store = BlobStore()
+    publisher = Publisher(store)
+    weights = masters()
+    publisher.publish(weights)
+    weights = moved(weights, 1)
+    publisher.publish(weights)                  # the view is the publisher's own memory from here on
+    again = publisher.publish(weights)          # nothing aggregated: the same view, recognised by identity
+    assert again.digest == publisher.digest and not again.delta_digest
+    old = weakref.ref(weights["wte"])
+    weights = moved(weights, 2)                 # the outer step: the loop holds only the new masters
+    store.retain(set())
+    gc.collect()
+    assert old() is None, "the last round's masters are still held"
+    assert publisher.publish(weights).delta_digest   # and the next view is made as before

@@ -77,6 +77,7 @@ class Federation:
         self.model = GlobalModel(self.r, self.run_id, self.run_dir, settings.model, settings.rounds,
                                  settings.sites.nproc, self.emit, emulate_step_s=settings.sites.emulate_step_s)
         self.store = BlobStore()
+        self.delta_digest = ""   # the round's global delta in the store, until the round's first result
         self.publisher = Publisher(self.store, deltas=settings.dataplane.global_payload == "delta-bf16")
         # round requests are signed (a site obeys only this key, learnt through Flower); blob access is per
         # site and round; an upload must be shaped like the model
@@ -161,6 +162,7 @@ class Federation:
         # the global model as the sites will hold it, and the bf16 delta to it for a site that holds the last one
         # (a lone site's upload adopted as it is: that blob, no hash pass, nothing to fetch for that site)
         sent = self.publisher.publish(self.model.state.weights, adopted=self.model.adopted)
+        self.delta_digest = sent.delta_digest
         self.blob_tokens.open_round(number, {sent.digest, sent.delta_digest} - {""})
         schedule_step = self.model.steps_done
         max_steps = -(-(self.model.horizon - schedule_step) // len(members))   # the sites share the steps left
@@ -225,6 +227,10 @@ class Federation:
         taking: list[Future] = []
 
         def arrived(site: str, result: RoundResult) -> None:
+            # the round's global delta was fetched at its start: let go of it before the mean takes its memory
+            # (a site that asks for it later fetches the weights whole)
+            if self.delta_digest:
+                self.store.pop(self.delta_digest)
             taking.append(intake.submit(self.model.take, number, site, result, assignments[site], self.store))
 
         try:

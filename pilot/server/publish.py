@@ -14,11 +14,13 @@ checkpoints and the final model use G). A site that does not hold S (new, back f
 failed) fetches the view whole, as before.
 
 Memory: the view is one model copy beside the masters (shared with them until the first outer step, and after
-an adoption), updated in place; the delta is half of one, let go of at the next round.
+an adoption), updated in place; the delta is half of one, let go of when the round's first result arrives (the
+server loop), before the round's mean is allocated.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -43,7 +45,9 @@ class Publisher:
         self.store, self.deltas = store, deltas
         self.blob: TensorBlob | None = None   # the view as a blob: its tensors are the view
         self.owned = False     # the view's memory is this publisher's own (else shared with the masters or an upload)
-        self.masters: dict[str, torch.Tensor] = {}   # the masters the view was last made from (the tensors themselves)
+        # the masters the view was last made from: the tensors themselves, weakly (holding them would keep the last
+        # round's masters alive beside the new ones: a model copy)
+        self.masters: dict[str, weakref.ref] = {}
 
     @property
     def digest(self) -> str:
@@ -54,13 +58,13 @@ class Publisher:
         model as it is (kept in the store; `weights` are its tensors): it becomes the view, exact, and the site
         that holds it fetches nothing."""
         if adopted and adopted in self.store:
-            self.blob, self.owned, self.masters = self.store.get(adopted), False, dict(weights)
+            self.blob, self.owned, self.masters = self.store.get(adopted), False, _refs(weights)
             return Published(adopted)
         if self.blob is not None and self._same_masters(weights):
             self.store.add(self.blob)   # the masters did not move (nothing was aggregated): the same view
             return Published(self.digest)
         if self.blob is None or not self.deltas:
-            self.blob, self.owned, self.masters = TensorBlob(weights), False, dict(weights)
+            self.blob, self.owned, self.masters = TensorBlob(weights), False, _refs(weights)
             return Published(self.store.add(self.blob))
         base, view = self.digest, self.blob.tensors
         delta = payload.global_delta(view, weights)
@@ -69,7 +73,7 @@ class Publisher:
         else:   # never write into the masters' tensors or an uploaded blob's
             view = {name: tensor.clone() for name, tensor in view.items()}
         payload.apply_global_delta(view, delta)
-        self.blob, self.owned, self.masters = TensorBlob(view), True, dict(weights)
+        self.blob, self.owned, self.masters = TensorBlob(view), True, _refs(weights)
         digest = self.store.add(self.blob)
         meta = {"payload": payload.GLOBAL_DELTA, "base": base, "view": digest}
         return Published(digest, self.store.add(TensorBlob(delta, meta)), base)
@@ -78,4 +82,8 @@ class Publisher:
         """The masters have not moved since the view was made (a round that aggregated nothing): the tensors
         themselves, not their values (an outer step always makes new ones)."""
         last = self.masters
-        return last.keys() == weights.keys() and all(last[k] is weights[k] for k in weights)
+        return last.keys() == weights.keys() and all(last[k]() is weights[k] for k in weights)
+
+
+def _refs(weights: Mapping[str, torch.Tensor]) -> dict[str, weakref.ref]:
+    return {name: weakref.ref(tensor) for name, tensor in weights.items()}

@@ -14,13 +14,14 @@ from logging import WARNING
 from pathlib import Path
 
 import redis
+import torch
 from flwr.common.logger import log
 
 from nanochat.checkpoint import save_model
 from nanochat.common import get_base_dir
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import list_parquet_files
-from nanochat.gpt import build_model
+from nanochat.gpt import build_model, model_of
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import Tokenizer, get_token_bytes
 from nanochat.trainer import TrainConfig, plan_training
@@ -49,7 +50,8 @@ def shards_trained(assignment: Assignment, result: RoundResult) -> list[str]:
 
 @dataclass
 class HeldUpdate:
-    """A round's first update, held as it was read: adopted as it is if it stays the only one."""
+    """A round's first weights-fp32 update (a solo round's), held as it was read: adopted as it is if it stays
+    the only one."""
     site: str
     kind: str
     tensors: dict
@@ -76,7 +78,6 @@ class GlobalModel:
         self.emulate_step_s = emulate_step_s
         self._plan(model, nproc)
         self._open(rounds)
-        self.eval_model = None
         self.adopted = ""    # digest of the uploaded blob that is the global model as it is (a solo result)
         self._intake: RoundIntake | None = None   # the round's results taken in so far (take / aggregate)
 
@@ -139,8 +140,9 @@ class GlobalModel:
     # -------------------------------------------------------------- a round's work
     def take(self, number: int, site: str, result: RoundResult, assignment: Assignment, store: BlobStore) -> None:
         """Take one site's result of round `number` in as it arrives (while other sites still train): a failure
-        releases its shards; an update is read, checked and, from the second one on, added to the round's
-        running mean (one fp32 copy however many sites) and its blob let go of. `aggregate` finishes the round."""
+        releases its shards; an update is read, checked and added to the round's running mean (one fp32 copy
+        however many sites) and its blob let go of; only a weights-fp32 update (a solo round's) is held as it is
+        until a second one comes, to be adopted as the global model if none does. `aggregate` finishes the round."""
         if self._intake is None or self._intake.round != number:
             self._intake = RoundIntake(number, RunningMean(self.state.weights))
         intake = self._intake
@@ -170,11 +172,11 @@ class GlobalModel:
             self.ledger.release(site)
             return
         intake.tokens[site] = result.tokens
-        if intake.first is None:   # held as it is: a lone update is adopted, not averaged
+        mean, first = intake.mean, intake.first
+        if kind == "weights-fp32" and first is None and not mean.sites:   # held: a lone one is adopted as it is
             intake.first = HeldUpdate(site, kind, tensors, result.weights_digest)
             return
-        mean, first = intake.mean, intake.first
-        if not mean.sites:
+        if first is not None and first.site not in mean.sites:
             mean.add(first.site, payload.as_delta(first.tensors, self.state.weights, first.kind),
                      intake.tokens[first.site])
             store.pop(first.digest)
@@ -205,6 +207,12 @@ class GlobalModel:
             self.state.weights = payload.decode_update(first.tensors, self.state.weights, first.kind)
             if first.kind == "weights-fp32":
                 self.adopted = first.digest
+        elif intake and len(intake.mean.sites) == 1:
+            # one site's pseudo-gradient (the round's other sites failed): its weights, start - delta, as they are
+            # (written into the mean's own memory), no outer step, as for a lone upload of weights
+            delta = intake.mean.mean()
+            self.state.weights = {name: torch.sub(w, delta[name], out=delta[name]) if w.dtype == torch.float32
+                                  else (w.float() - delta[name]).to(w.dtype) for name, w in self.state.weights.items()}
         elif intake and intake.mean.sites:
             start, end = span
             fraction = round_fraction(end - start, self.rounds.round_duration,
@@ -241,10 +249,8 @@ class GlobalModel:
         """Validation bits per byte of the global model (or `weights`) on eval-tokens of the held-out shard."""
         if self.eval_tokens <= 0:
             return None
-        if self.eval_model is None:  # built once: a d20 model takes seconds to build
-            self.eval_model = build_model(self.plan.model_config, device="cpu", seed=0).eval()
-        model = self.eval_model
-        model.load_state_dict(self.state.weights if weights is None else weights)
+        # the weights themselves as the model's parameters (no copy; let go of when the evaluation ends)
+        model = model_of(self.plan.model_config, dict(self.state.weights if weights is None else weights)).eval()
         B, T = self.train_config.device_batch_size, self.train_config.max_seq_len
         loader = DataLoader(self.tokenizer, B, T, split="val", files=[self.val_shard])
         try:
