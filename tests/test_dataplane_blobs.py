@@ -20,6 +20,7 @@ from pilot.dataplane import client as blob_client
 from pilot.dataplane.blob import (
     BlobCorrupt,
     BlobError,
+    SpooledBlob,
     TensorBlob,
     load_tensors,
     read_blob,
@@ -101,6 +102,38 @@ def test_fetch_and_upload_over_http():
 
         store.retain({digest})
         assert update_digest not in store and digest in store
+
+
+def test_an_upload_can_wait_in_a_file_instead_of_memory(tmp_path):
+    """The server spools pseudo-gradient uploads (they are only read through): the same digest, the same tensors
+    read one at a time, the same bytes served back; a short or corrupt stream is refused as from memory; nothing
+    is left in the spool directory (the files have no name)."""
+    spool_dir = tmp_path / "spool"
+    store = BlobStore(spool_dir=spool_dir, spool_if=lambda meta: meta.get("payload") == "delta-bf16")
+    tensors = sample_tensors()
+    with BlobServer(store, token=TOKEN) as server:
+        update = TensorBlob(tensors, {"payload": "delta-bf16"})
+        digest = upload_blob(server.url, update, token=TOKEN)
+        kept = TensorBlob({"w": torch.ones(4)}, {"payload": "weights-fp32"})
+        kept_digest = upload_blob(server.url, kept, token=TOKEN)
+        spooled = store.get(digest)
+        assert isinstance(spooled, SpooledBlob) and spooled.digest == digest == update.digest
+        assert isinstance(store.get(kept_digest), TensorBlob)          # what spool_if declines stays in memory
+        assert spooled.metadata == {"payload": "delta-bf16"} and list(spooled.tensors) == list(tensors)
+        first, again = spooled.tensors["wte.weight"], spooled.tensors["wte.weight"]
+        assert torch.equal(first, tensors["wte.weight"]) and first.data_ptr() != again.data_ptr()   # read anew
+        assert_same(dict(spooled.tensors.items()), {k: v.contiguous() for k, v in tensors.items()})
+        assert b"".join(bytes(c) for c in spooled.chunks()) == b"".join(bytes(c) for c in update.chunks())
+        assert b"".join(bytes(c) for c in spooled.chunks(5, 300)) == b"".join(bytes(c) for c in update.chunks(5, 300))
+        assert list(spool_dir.iterdir()) == []
+    raw = b"".join(bytes(c) for c in update.chunks())
+    with pytest.raises(BlobError, match="early"):
+        read_blob(io.BytesIO(raw[:-10]), len(raw) - 10, spool=store.spool)
+    flipped = bytearray(raw)
+    flipped[-1] ^= 1
+    with pytest.raises(BlobError, match="corrupt"):
+        read_blob(io.BytesIO(bytes(flipped)), len(raw), expected=update.digest, spool=store.spool)
+    assert list(spool_dir.iterdir()) == []
 
 
 def test_refusals():

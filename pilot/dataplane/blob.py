@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -112,15 +113,71 @@ _TORCH_DTYPES = {code: dtype for dtype, code in _DTYPES.items()}
 
 
 Allocate = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+Spool = Callable[[Mapping[str, str]], "BinaryIO | None"]   # a blob's metadata -> a file to hold its data, or None
+
+
+class SpooledTensors(Mapping):
+    """A spooled blob's tensors by name, each read from the file when asked for (a new tensor every time: hold
+    one only as long as it is needed)."""
+
+    def __init__(self, file: BinaryIO, specs: dict[str, tuple[torch.dtype, tuple[int, ...], int]]):
+        self._file, self._specs = file, specs   # name -> (dtype, shape, offset of its bytes in the file)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        dtype, shape, offset = self._specs[name]
+        tensor = torch.empty(shape, dtype=dtype)
+        view = _tensor_bytes(tensor)
+        got = 0
+        while got < len(view):
+            n = os.preadv(self._file.fileno(), [view[got:got + CHUNK]], offset + got)
+            if not n:
+                raise BlobError(f"spooled tensor {name!r}: the file ended {len(view) - got} bytes early")
+            got += n
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+
+class SpooledBlob:
+    """A received blob whose tensor data waits in a file (an unnamed temporary one: gone with the blob), not in
+    memory: an upload the server reads through once or twice (check, average) costs it no model-sized memory.
+    `tensors` reads each tensor on demand; `chunks` serves the byte stream as TensorBlob does."""
+
+    def __init__(self, file: BinaryIO, header: bytes, specs: dict[str, tuple[torch.dtype, tuple[int, ...], int]],
+                 metadata: Mapping[str, str], size: int, digest: str):
+        self.file, self.header, self.metadata, self.size, self.digest = file, header, dict(metadata), size, digest
+        self.tensors = SpooledTensors(file, specs)
+
+    def chunks(self, start: int = 0, end: int | None = None) -> Iterator[memoryview]:
+        end = self.size if end is None else end
+        head = len(self.header)
+        if start < head:
+            yield memoryview(self.header)[start:min(end, head)]
+        at = max(start, head)
+        while at < end:
+            piece = os.pread(self.file.fileno(), min(CHUNK, end - at), at - head)
+            if not piece:
+                raise BlobError(f"spooled blob {self.digest[:12]}: the file ended early")
+            yield memoryview(piece)
+            at += len(piece)
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def read_blob(stream: BinaryIO, length: int, expected: str | None = None,
-              into: Mapping[str, torch.Tensor] | None = None, allocate: Allocate | None = None) -> TensorBlob:
+              into: Mapping[str, torch.Tensor] | None = None, allocate: Allocate | None = None,
+              spool: Spool | None = None) -> TensorBlob | SpooledBlob:
     """Read a safetensors stream of `length` bytes straight into tensors, hashing as bytes arrive.
 
     `into`: preallocated tensors (same names, shapes, dtypes) to fill; else `allocate(shape, dtype)` gives
-    each tensor (e.g. recycled memory: fresh pages cost more than copying into them), else torch.empty. A
-    stream that ends early, is malformed or does not hash to `expected` raises BlobError.
+    each tensor (e.g. recycled memory: fresh pages cost more than copying into them), else torch.empty.
+    `spool(metadata)`: a file for the tensor data of a blob with this metadata (a SpooledBlob comes back), or
+    None (into memory). A stream that ends early, is malformed or does not hash to `expected` raises BlobError.
     """
     digest = hashlib.sha256()
     remaining = length
@@ -150,6 +207,14 @@ def read_blob(stream: BinaryIO, length: int, expected: str | None = None,
     except ValueError as error:
         raise BlobError(f"safetensors header is not JSON: {error}") from error
     metadata = header.pop("__metadata__", None) or {}
+    file = spool(metadata) if spool is not None and into is None else None
+    if file is not None:
+        try:
+            return _read_spooled(header, metadata, file, read_exact, lambda: remaining, digest, length, expected,
+                                 struct.pack("<Q", header_len) + bytes(header_bytes))
+        except BaseException:
+            file.close()
+            raise
     tensors: dict[str, torch.Tensor] = {}
     offset = 0
     for name, spec in header.items():
@@ -180,6 +245,38 @@ def read_blob(stream: BinaryIO, length: int, expected: str | None = None,
     if expected is not None and got != expected:
         raise BlobCorrupt(f"blob corrupt: expected sha256 {expected}, received {got}")
     return TensorBlob(tensors, metadata, digest=got)
+
+
+def _read_spooled(header: dict, metadata: Mapping[str, str], file: BinaryIO, read_exact: Callable[[memoryview], None],
+                  remaining: Callable[[], int], digest, length: int, expected: str | None,
+                  raw_header: bytes) -> SpooledBlob:
+    """read_blob's tail for a spooled blob: the tensor specs checked as read_blob checks them, the data copied to
+    `file` CHUNK at a time (hashed on the way)."""
+    specs: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
+    offset = 0
+    for name, spec in header.items():
+        dtype = _TORCH_DTYPES.get(spec.get("dtype"))
+        start, end = spec.get("data_offsets", [None, None])
+        if dtype is None or start != offset:
+            raise BlobError(f"tensor {name!r}: unsupported dtype or out-of-order data ({spec})")
+        shape = tuple(spec["shape"])
+        if math.prod(shape) * dtype.itemsize != end - start:
+            raise BlobError(f"tensor {name!r}: {end - start} bytes do not hold {dtype}{list(shape)}")
+        specs[name] = (dtype, shape, start)
+        offset = end
+    if remaining() != offset:
+        raise BlobError(f"{remaining() - offset} bytes after the last tensor" if remaining() > offset
+                        else f"stream ended {offset - remaining()} bytes early ({length} expected)")
+    buffer = bytearray(CHUNK)
+    while remaining():
+        view = memoryview(buffer)[:min(CHUNK, remaining())]
+        read_exact(view)
+        file.write(view)
+    file.flush()
+    got = digest.hexdigest()
+    if expected is not None and got != expected:
+        raise BlobCorrupt(f"blob corrupt: expected sha256 {expected}, received {got}")
+    return SpooledBlob(file, raw_header, specs, metadata, length, got)
 
 
 def save_file(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],

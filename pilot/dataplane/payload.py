@@ -196,22 +196,43 @@ def sent_deltas(tensors: Mapping[str, torch.Tensor], kind: str) -> Iterator[tupl
         yield from tensors.items()
 
 
-def read_update(blob: TensorBlob) -> tuple[str, dict[str, torch.Tensor]]:
-    """The kind and tensors of an uploaded update (ValueError for a kind this server does not know); a quantized
-    payload comes back decoded, as the fp32 pseudo-gradient it stands for."""
+class _Decoded(Mapping):
+    """A quantized payload's fp32 pseudo-gradient by name, each tensor decoded when asked for."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], bits: int):
+        self._tensors, self._bits = tensors, bits
+        self._names = [name for name in tensors if not name.endswith((quantize.SCALE_SUFFIX, quantize.SHAPE_SUFFIX))]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return quantize.decode_delta({k: self._tensors[k] for k in (name, name + quantize.SCALE_SUFFIX,
+                                                                  name + quantize.SHAPE_SUFFIX)
+                                      if k in self._tensors}, self._bits)[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def read_update(blob) -> tuple[str, Mapping[str, torch.Tensor]]:
+    """The kind and tensors of an uploaded update (ValueError for a kind this server does not know), as a
+    mapping that may read (a spooled blob) or decode (a quantized payload, to the fp32 pseudo-gradient it stands
+    for) each tensor when it is asked for: go through it tensor by tensor, holding one at a time."""
     kind = check_kind(blob.metadata.get("payload", "weights-fp32"))
     if kind in QUANTIZED:
-        return kind, quantize.decode_delta(blob.tensors, quantize.bits_for_kind(kind))
-    return kind, dict(blob.tensors)
+        return kind, _Decoded(blob.tensors, quantize.bits_for_kind(kind))
+    return kind, blob.tensors
 
 
 @torch.no_grad()
-def as_delta(payload: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+def as_delta(payload: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor], kind: str) -> Mapping[str, torch.Tensor]:
     """The pseudo-gradient start - end that a payload stands for: a delta as sent (bf16, or decoded from a
-    quantized kind; averaged in fp32 by the server), or computed in fp32 from the site's weights."""
+    quantized kind; averaged in fp32 by the server; the payload's own mapping, read as it is), or computed in
+    fp32 from the site's weights."""
     check_kind(kind)
     if kind != "weights-fp32":
-        return dict(payload)
+        return payload
     return {k: start[k].float() - w.float() for k, w in payload.items()}
 
 

@@ -408,7 +408,8 @@ class _Handler(BaseHTTPRequestHandler):
             stream = self.rfile
             if self.server.upload_limits is not None:
                 stream = checked_stream(self.rfile, size, self.server.upload_limits)
-            blob = read_blob(stream, size, expected=expected, allocate=self.server.store.allocate)
+            blob = read_blob(stream, size, expected=expected, allocate=self.server.store.allocate,
+                             spool=self.server.store.spool)
         except UploadRefused as error:
             self.close_connection = True
             if error.status == 400:   # a body of a size the model allows: read it away, so the client hears why

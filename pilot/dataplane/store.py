@@ -1,22 +1,34 @@
-"""The blobs a process serves, by digest, held in memory (the tensors themselves, no serialised copy)."""
+"""The blobs a process serves, by digest, held in memory (the tensors themselves, no serialised copy), and the
+uploads it receives: in memory, or spooled to a file (`spool_if`: the server's pseudo-gradient uploads, which it
+reads through tensor by tensor into its running mean, so that no upload costs it model-sized memory)."""
 
 from __future__ import annotations
 
+import tempfile
 import threading
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
-from pilot.dataplane.blob import TensorBlob
+from pilot.dataplane.blob import SpooledBlob, TensorBlob
+
+Blob = TensorBlob | SpooledBlob
 
 
 # ------------------------------------------------------------------ the store
 class BlobStore:
-    """Blobs a process serves, by digest, held in memory (the tensors themselves, no serialised copy)."""
+    """Blobs a process serves, by digest, held in memory (the tensors themselves, no serialised copy); received
+    blobs whose metadata `spool_if` accepts are spooled to unnamed temporary files in `spool_dir` (gone with the
+    blob)."""
 
-    def __init__(self) -> None:
-        self._blobs: dict[str, TensorBlob] = {}
+    def __init__(self, spool_dir: str | Path | None = None,
+                 spool_if: Callable[[Mapping[str, str]], bool] | None = None) -> None:
+        self.spool_dir = Path(spool_dir) if spool_dir is not None else None
+        self.spool_if = spool_if
+        self._blobs: dict[str, Blob] = {}
         self._free: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = defaultdict(list)
         self._lock = threading.Lock()
 
@@ -28,10 +40,17 @@ class BlobStore:
                 return free.pop()
         return torch.empty(shape, dtype=dtype)
 
+    def spool(self, metadata: Mapping[str, str]) -> BinaryIO | None:
+        """A file for the data of a received blob with this metadata, or None: into memory."""
+        if self.spool_dir is None or self.spool_if is None or not self.spool_if(metadata):
+            return None
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        return tempfile.TemporaryFile(dir=self.spool_dir)
+
     def recycle(self, digest: str) -> None:
         """Forget a received blob and keep its memory for the next one (nobody else may hold its tensors)."""
         blob = self.pop(digest)
-        if blob is not None:
+        if isinstance(blob, TensorBlob):
             with self._lock:
                 for tensor in blob.tensors.values():
                     self._free[(tuple(tensor.shape), tensor.dtype)].append(tensor)
@@ -40,17 +59,17 @@ class BlobStore:
         """Serve these tensors; returns their digest (the address to put in a control message)."""
         return self.add(TensorBlob(tensors, metadata))
 
-    def add(self, blob: TensorBlob) -> str:
+    def add(self, blob: Blob) -> str:
         digest = blob.digest
         with self._lock:
             self._blobs[digest] = blob
         return digest
 
-    def get(self, digest: str) -> TensorBlob | None:
+    def get(self, digest: str) -> Blob | None:
         with self._lock:
             return self._blobs.get(digest)
 
-    def pop(self, digest: str) -> TensorBlob | None:
+    def pop(self, digest: str) -> Blob | None:
         with self._lock:
             return self._blobs.pop(digest, None)
 

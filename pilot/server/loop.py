@@ -76,7 +76,10 @@ class Federation:
         self.clock.on_event = self.emit
         self.model = GlobalModel(self.r, self.run_id, self.run_dir, settings.model, settings.rounds,
                                  settings.sites.nproc, self.emit, emulate_step_s=settings.sites.emulate_step_s)
-        self.store = BlobStore()
+        # pseudo-gradient uploads wait in files of the run directory, read into the round's mean tensor by tensor
+        # (no upload costs the server model-sized memory); a solo round's weights, adopted as they are, in memory
+        self.store = BlobStore(spool_dir=self.run_dir / "spool",
+                               spool_if=lambda meta: meta.get("payload", "weights-fp32") != "weights-fp32")
         self.delta_digest = ""   # the round's global delta in the store, until the round's first result
         self.publisher = Publisher(self.store, deltas=settings.dataplane.global_payload == "delta-bf16")
         # round requests are signed (a site obeys only this key, learnt through Flower); blob access is per
