@@ -216,21 +216,13 @@ def read_blob(stream: BinaryIO, length: int, expected: str | None = None,
             file.close()
             raise
     tensors: dict[str, torch.Tensor] = {}
-    offset = 0
-    for name, spec in header.items():
-        dtype = _TORCH_DTYPES.get(spec.get("dtype"))
-        start, end = spec.get("data_offsets", [None, None])
-        if dtype is None or start != offset:
-            raise BlobError(f"tensor {name!r}: unsupported dtype or out-of-order data ({spec})")
-        shape = tuple(spec["shape"])
+    for name, (dtype, shape, _) in _tensor_specs(header).items():
         if into is not None:
             tensor = into[name]
             if tensor.shape != shape or tensor.dtype != dtype:
                 raise BlobError(f"tensor {name!r} is {dtype}{list(shape)}, expected {tensor.dtype}{list(tensor.shape)}")
         else:
             tensor = (allocate or torch.empty)(shape, dtype=dtype)
-        if tensor.numel() * tensor.element_size() != end - start:
-            raise BlobError(f"tensor {name!r}: {end - start} bytes do not hold {dtype}{list(shape)}")
         if tensor.device.type == "cpu" and tensor.is_contiguous():
             read_exact(_tensor_bytes(tensor))  # the bytes land in the tensor's own memory
         else:  # a strided or GPU target gets the bytes through one staging copy of this tensor
@@ -238,7 +230,6 @@ def read_blob(stream: BinaryIO, length: int, expected: str | None = None,
             read_exact(_tensor_bytes(staged))
             tensor.copy_(staged)
         tensors[name] = tensor
-        offset = end
     if remaining:
         raise BlobError(f"{remaining} bytes after the last tensor")
     got = digest.hexdigest()
@@ -247,11 +238,9 @@ def read_blob(stream: BinaryIO, length: int, expected: str | None = None,
     return TensorBlob(tensors, metadata, digest=got)
 
 
-def _read_spooled(header: dict, metadata: Mapping[str, str], file: BinaryIO, read_exact: Callable[[memoryview], None],
-                  remaining: Callable[[], int], digest, length: int, expected: str | None,
-                  raw_header: bytes) -> SpooledBlob:
-    """read_blob's tail for a spooled blob: the tensor specs checked as read_blob checks them, the data copied to
-    `file` CHUNK at a time (hashed on the way)."""
+def _tensor_specs(header: dict) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
+    """name -> (dtype, shape, offset of its bytes in the data) from a safetensors header, in order; BlobError
+    for an unknown dtype, data out of order or a byte range that does not hold the shape."""
     specs: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
     offset = 0
     for name, spec in header.items():
@@ -264,6 +253,16 @@ def _read_spooled(header: dict, metadata: Mapping[str, str], file: BinaryIO, rea
             raise BlobError(f"tensor {name!r}: {end - start} bytes do not hold {dtype}{list(shape)}")
         specs[name] = (dtype, shape, start)
         offset = end
+    return specs
+
+
+def _read_spooled(header: dict, metadata: Mapping[str, str], file: BinaryIO, read_exact: Callable[[memoryview], None],
+                  remaining: Callable[[], int], digest, length: int, expected: str | None,
+                  raw_header: bytes) -> SpooledBlob:
+    """read_blob's tail for a spooled blob: the tensor specs checked as read_blob checks them, the data copied to
+    `file` CHUNK at a time (hashed on the way)."""
+    specs = _tensor_specs(header)
+    offset = sum(math.prod(shape) * dtype.itemsize for dtype, shape, _ in specs.values())
     if remaining() != offset:
         raise BlobError(f"{remaining() - offset} bytes after the last tensor" if remaining() > offset
                         else f"stream ended {offset - remaining()} bytes early ({length} expected)")
