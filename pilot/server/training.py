@@ -141,7 +141,7 @@ class GlobalModel:
     def take(self, number: int, site: str, result: RoundResult, assignment: Assignment, store: BlobStore) -> None:
         """Take one site's result of round `number` in as it arrives (while other sites still train): a failure
         releases its shards; an update is read, checked and added to the round's running mean (one fp32 copy
-        however many sites) and its blob let go of; only a weights-fp32 update (a solo round's) is held as it is
+        however many sites); only a weights-fp32 update (a solo round's) is held as it is
         until a second one comes, to be adopted as the global model if none does. `aggregate` finishes the round."""
         if self._intake is None or self._intake.round != number:
             self._intake = RoundIntake(number, RunningMean(self.state.weights))
@@ -179,9 +179,9 @@ class GlobalModel:
         if first is not None and first.site not in mean.sites:
             mean.add(first.site, payload.as_delta(first.tensors, self.state.weights, first.kind),
                      intake.tokens[first.site])
-            store.pop(first.digest)
         mean.add(site, payload.as_delta(tensors, self.state.weights, kind), result.tokens)
-        store.pop(result.weights_digest)
+        # the blob stays in the store until the round's end (the loop lets every upload go then): another site's
+        # result may name the same bytes (one digest, one blob), and a pseudo-gradient waits on disk, not in memory
 
     def aggregate(self, number: int, results: Mapping[str, RoundResult], assignments: Mapping[str, Assignment],
                   store: BlobStore, span: tuple[float, float] = (0.0, 0.0)) -> dict[str, int]:

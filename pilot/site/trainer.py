@@ -749,7 +749,11 @@ class InboxReader:
         while not self._stop.is_set():
             try:
                 found = self.r.xread({self.key: self.last_id}, block=INBOX_BLOCK_MS, count=16)
-            except redis.RedisError as error:
+            except Exception as error:
+                if self._stop.is_set():
+                    return   # shutting down: the connection was closed under a blocking read
+                if not isinstance(error, redis.RedisError):
+                    raise
                 if self.error is None:
                     log(f"inbox: Redis unavailable ({error})")
                 self.error = error
