@@ -105,7 +105,7 @@ class RunningMean:
         if self.sum is None:
             self.sum = {name: torch.zeros(ref.shape, dtype=torch.float32) for name, ref in self.reference.items()}
         for name, value in delta.items():
-            self.sum[name].add_(value.to(torch.float32), alpha=float(tokens))
+            self.sum[name].add_(value, alpha=float(tokens))   # a bf16 delta widened on the fly: no fp32 temporary
         self.tokens += tokens
         self.sites.append(site)
 

@@ -114,7 +114,8 @@ class GlobalModel:
         self.r.delete(self.ledger.key)  # the checkpoint is the truth; without one, nothing was trained yet
         if path is None:
             model = build_model(self.plan.model_config, device="cpu", seed=self.train_config.seed)
-            self.state = GlobalState(weights={k: v.detach().clone() for k, v in model.state_dict().items()})
+            # the new model's own tensors (no copy: the model object goes, its weights stay)
+            self.state = GlobalState(weights={k: v.detach() for k, v in model.state_dict().items()})
             self.ledger.init(self.train_shards)
             self.emit("start", detail=f"new run in {self.run_dir}")
         else:

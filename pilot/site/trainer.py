@@ -71,7 +71,7 @@ from nanochat.dataloader import DataLoader, ShardError
 from nanochat.distributed import DistInfo, cleanup_distributed, init_distributed
 from nanochat.tokenizer import Tokenizer
 from nanochat.trainer import DataExhausted, TrainConfig, Trainer, plan_training
-from pilot import coordination, protocol, signing
+from pilot import coordination, procmem, protocol, signing
 from pilot.dataplane import payload
 from pilot.dataplane.blob import BlobError, TensorBlob
 from pilot.dataplane.client import fetch_blob, site_tls, upload_blob
@@ -809,6 +809,7 @@ def wait_for_train_config(client: redis.Redis, run: str) -> dict:
 
 
 def serve(args: argparse.Namespace) -> int:
+    procmem.return_freed_memory()   # a long-lived process that frees model-sized tensors every round
     info = init_distributed(args.device if args.device != "auto" else "")
     if os.environ.get("PILOT_SITE_THREADS"):  # several sites sharing one small machine (tests, demos)
         torch.set_num_threads(int(os.environ["PILOT_SITE_THREADS"]))
