@@ -420,7 +420,24 @@ def fmt(x: float | None, width: int = 8, digits: int = 1) -> str:
     return f"{'-':>{width}}" if x is None else f"{x:>{width}.{digits}f}"
 
 
-def report(case: Case, outcomes: list[Outcome], model_bytes: int, args) -> None:
+# the RSS of a process that has only imported what the role imports (Python, torch, Flower, Pilot): what a
+# process holds before any model; "above its imports" counts model copies from there
+IMPORT_FLOOR_OF = {"ServerApp": "pilot.server_app", "site trainer": "pilot.site.trainer"}
+
+
+def import_floors() -> dict[str, int]:
+    code = ("import importlib, sys, psutil; importlib.import_module(sys.argv[1]); "
+            "print(psutil.Process().memory_info().rss)")
+    floors = {}
+    for role, module in IMPORT_FLOOR_OF.items():
+        with contextlib.suppress(subprocess.SubprocessError, ValueError):
+            out = subprocess.run([sys.executable, "-c", code, module], capture_output=True, text=True, timeout=120,
+                                 cwd=ROOT, check=True)
+            floors[role] = int(out.stdout.strip())
+    return floors
+
+
+def report(case: Case, outcomes: list[Outcome], model_bytes: int, args, floors: dict[str, int] | None = None) -> None:
     print(f"\n=== {case.name} over {case.link}: {case.rounds} rounds of {case.round_s} s, "
           f"{args.sites} sites; EMULATED GPU STEP "
           f"{args.step_s} s ===", flush=True)
@@ -475,14 +492,18 @@ def report(case: Case, outcomes: list[Outcome], model_bytes: int, args) -> None:
             print(f"  {o.label:<10}{''.join(cells)}")
     print("  set_up: weights fetch + data set-up before the first step (on the path in sync mode, in the background "
           "in overlap); upload: encode + upload (sync); evaluate and checkpoint run off the path (after-round worker)")
-    print(f"\n  peak RSS per process (GB; one fp32 model = {model_bytes / GiB:.2f} GB):")
+    floors = floors or {}
+    print(f"\n  peak RSS per process (GB; one fp32 model = {model_bytes / GiB:.2f} GB; a process that has only "
+          f"imported its modules: " + ", ".join(f"{r} {v / GiB:.2f} GB" for r, v in floors.items()) + ")")
     roles = sorted({r for o in outcomes for r in o.peak_rss})
     print(f"  {'':<24}" + "".join(f"{o.label:>10}" for o in outcomes))
     for role in roles:
         vals = [o.peak_rss.get(role) for o in outcomes]
-        copies = max((v or 0) for v in vals) / model_bytes
+        peak = max((v or 0) for v in vals)
+        floor = next((v for r, v in floors.items() if role.startswith(r)), None)
+        above = f", {(peak - floor) / model_bytes:.1f} above its imports" if floor is not None else ""
         print(f"  {role:<24}" + "".join(fmt(v / GiB if v else None, 10, 2) for v in vals) +
-              f"   ({copies:.1f} models at most)")
+              f"   ({peak / model_bytes:.1f} models at most{above})")
     print(f"  {'all sampled together':<24}" + "".join(fmt(o.peak_total / GiB, 10, 2) for o in outcomes))
     print(f"  {'wall s of the run':<24}" + "".join(fmt(o.wall_s, 10, 0) for o in outcomes), flush=True)
 
@@ -516,6 +537,7 @@ def main() -> None:
         cfg = config_from_depth(args.depth, sequence_len=128)
         cfg = GPTConfig(**{**cfg.to_dict(), "vocab_size": D20_VOCAB})
         params = count_params(cfg)
+        floors = import_floors()
         print(f"EMULATED GPU STEP: every optimizer step is a {args.step_s} s stand-in (no forward/backward; the "
               f"weights change, the data advances); the synchronisation path is real")
         print(f"model: depth {args.depth}, vocab {D20_VOCAB:,}: {params:,} parameters, fp32 masters "
@@ -530,7 +552,7 @@ def main() -> None:
                 # lone site under "overlap" hands its weights in on a thread and trains on (under "sync" it waits)
                 solo_mode = "overlap" if "overlap" in modes else "sync"
                 outcomes.append(deployment(work, case, solo_mode, 1, args, data, tok_dir))
-            report(case, outcomes, params * 4, args)
+            report(case, outcomes, params * 4, args, floors)
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -106,3 +106,23 @@ def test_the_publisher_does_not_keep_the_last_masters_alive():
     gc.collect()
     assert old() is None, "the last round's masters are still held"
     assert publisher.publish(weights).delta_digest   # and the next view is made as before
+
+
+def test_the_view_takes_over_the_memory_of_masters_nobody_holds_and_never_writes_into_held_ones():
+    """The first view is the first masters' memory; after the first outer step it is moved in place when those
+    masters are gone (no clone: the ServerApp stays at masters + view), and cloned when anyone still holds them."""
+    for held in (False, True):
+        store = BlobStore()
+        publisher = Publisher(store)
+        weights = masters()
+        first = publisher.publish(weights)
+        memory = weights["wte"].data_ptr()
+        kept = weights if held else None
+        frozen = {k: v.clone() for k, v in weights.items()}
+        weights = moved(weights, 1)
+        store.retain(set())
+        sent = publisher.publish(weights)
+        assert sent.delta_base == first.digest
+        assert (publisher.blob.tensors["wte"].data_ptr() == memory) is (not held)
+        if held:
+            assert all(torch.equal(kept[k], frozen[k]) for k in kept)   # held masters are never written into

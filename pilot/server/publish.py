@@ -68,6 +68,10 @@ class Publisher:
             return Published(self.store.add(self.blob))
         base, view = self.digest, self.blob.tensors
         delta = payload.global_delta(view, weights)
+        if not self.owned and self._masters_gone():
+            # the view shared its memory with masters nobody holds any more (the first round's weights after the
+            # first outer step): it is the publisher's own now, moved in place (no clone beside the new masters)
+            self.owned = True
         if self.owned:
             self.store.pop(base)   # its bytes are about to change: nobody may be served them under the old digest
         else:   # never write into the masters' tensors or an uploaded blob's
@@ -77,6 +81,9 @@ class Publisher:
         digest = self.store.add(self.blob)
         meta = {"payload": payload.GLOBAL_DELTA, "base": base, "view": digest}
         return Published(digest, self.store.add(TensorBlob(delta, meta)), base)
+
+    def _masters_gone(self) -> bool:
+        return bool(self.masters) and all(ref() is None for ref in self.masters.values())
 
     def _same_masters(self, weights: Mapping[str, torch.Tensor]) -> bool:
         """The masters have not moved since the view was made (a round that aggregated nothing): the tensors
