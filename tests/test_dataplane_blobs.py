@@ -103,6 +103,11 @@ def test_fetch_and_upload_over_http():
         store.retain({digest})
         assert update_digest not in store and digest in store
 
+        import tempfile
+        spooled = fetch_blob(server.url, digest, token=TOKEN, spool=tempfile.TemporaryFile)   # a site's delta fetch
+        assert isinstance(spooled, SpooledBlob) and spooled.digest == digest
+        assert_same(dict(spooled.tensors.items()), {k: v.contiguous() for k, v in tensors.items()})
+
 
 def test_an_upload_can_wait_in_a_file_instead_of_memory(tmp_path):
     """The server spools pseudo-gradient uploads (they are only read through): the same digest, the same tensors

@@ -54,6 +54,19 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
+def _header(layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]) -> tuple[bytes, int]:
+    """The stream's header for tensors of these dtypes and shapes, in order, and the bytes of data after it."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, (dtype, shape) in layout.items():
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format asks for 8-byte alignment of the data
+    return struct.pack("<Q", len(raw)) + raw, offset
+
+
 class TensorBlob:
     """Tensors as one safetensors byte stream, never materialised: header + each tensor's own memory.
 
@@ -64,17 +77,10 @@ class TensorBlob:
                  digest: str | None = None):
         self.tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
-        header: dict[str, object] = {"__metadata__": self.metadata} if self.metadata else {}
-        offset = 0
         for name, tensor in self.tensors.items():
-            size = tensor.numel() * tensor.element_size()
-            header[name] = {"dtype": _dtype_code(name, tensor), "shape": list(tensor.shape),
-                            "data_offsets": [offset, offset + size]}
-            offset += size
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the format asks for 8-byte alignment of the data
-        self.header = struct.pack("<Q", len(raw)) + raw
-        self.size = len(self.header) + offset
+            _dtype_code(name, tensor)
+        self.header, data = _header({n: (t.dtype, tuple(t.shape)) for n, t in self.tensors.items()}, self.metadata)
+        self.size = len(self.header) + data
         self._digest = digest
 
     def chunks(self, start: int = 0, end: int | None = None) -> Iterator[memoryview]:
@@ -134,6 +140,11 @@ class SpooledTensors(Mapping):
                 raise BlobError(f"spooled tensor {name!r}: the file ended {len(view) - got} bytes early")
             got += n
         return tensor
+
+    def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """A tensor's dtype and shape, without reading it."""
+        dtype, shape, _ = self._specs[name]
+        return dtype, shape
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._specs)
@@ -236,6 +247,28 @@ def read_blob(stream: BinaryIO, length: int, expected: str | None = None,
     if expected is not None and got != expected:
         raise BlobCorrupt(f"blob corrupt: expected sha256 {expected}, received {got}")
     return TensorBlob(tensors, metadata, digest=got)
+
+
+def spool_blob(tensors: Iterator[tuple[str, torch.Tensor]], layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+               file: BinaryIO, metadata: Mapping[str, str] | None = None) -> SpooledBlob:
+    """A blob written to `file` as `tensors` yields them (names, dtypes and shapes as `layout` says, in its order),
+    hashed on the way: one tensor in memory at a time, however large the blob."""
+    metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+    header, _ = _header(layout, metadata)
+    digest = hashlib.sha256(header)   # the header stays in memory, the file holds the data (as a received blob's)
+    specs: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
+    offset = 0
+    for (name, tensor), (want, (dtype, shape)) in zip(tensors, layout.items(), strict=True):
+        if name != want or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise BlobError(f"spool_blob: got {name!r} {tensor.dtype}{list(tensor.shape)}, the layout says "
+                            f"{want!r} {dtype}{list(shape)}")
+        data = _tensor_bytes(tensor)
+        digest.update(data)
+        file.write(data)
+        specs[name] = (dtype, tuple(shape), offset)
+        offset += len(data)
+    file.flush()
+    return SpooledBlob(file, header, specs, metadata, len(header) + offset, digest.hexdigest())
 
 
 def _tensor_specs(header: dict) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:

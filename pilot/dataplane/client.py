@@ -9,7 +9,8 @@ import hashlib
 import http.client
 import ssl
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import torch
@@ -21,6 +22,7 @@ from pilot.dataplane.blob import (
     RESUME_BACKOFF_S,
     BlobCorrupt,
     BlobError,
+    SpooledBlob,
     TensorBlob,
     read_blob,
 )
@@ -151,14 +153,17 @@ class _ResumingBody:
 
 
 def fetch_blob(base_url: str, digest: str, token: str = "", into: Mapping[str, torch.Tensor] | None = None,
-               ssl_context: ssl.SSLContext | None = None) -> TensorBlob:
-    """Download blob `digest` from a BlobServer at `base_url` straight into tensors (`into`, or new ones),
-    verified against its digest. See fetch_url."""
-    return fetch_url(f"{base_url.rstrip('/')}/blobs/{digest}", digest, token, into, ssl_context)
+               ssl_context: ssl.SSLContext | None = None,
+               spool: Callable[[], BinaryIO] | None = None) -> TensorBlob | SpooledBlob:
+    """Download blob `digest` from a BlobServer at `base_url` straight into tensors (`into`, or new ones; or
+    with `spool` into a file it gives, read back tensor by tensor: a SpooledBlob), verified against its digest.
+    See fetch_url."""
+    return fetch_url(f"{base_url.rstrip('/')}/blobs/{digest}", digest, token, into, ssl_context, spool)
 
 
 def fetch_url(url: str, digest: str, token: str = "", into: Mapping[str, torch.Tensor] | None = None,
-              ssl_context: ssl.SSLContext | None = None) -> TensorBlob:
+              ssl_context: ssl.SSLContext | None = None,
+              spool: Callable[[], BinaryIO] | None = None) -> TensorBlob | SpooledBlob:
     """Download a safetensors blob from any HTTP(S) URL that serves it (a BlobServer, or an object store's
     presigned GET URL, token=""), straight into tensors, verified against `digest`.
 
@@ -172,7 +177,8 @@ def fetch_url(url: str, digest: str, token: str = "", into: Mapping[str, torch.T
             with _network_errors(url):
                 body = _ResumingBody(url, token, ssl_context)
                 try:
-                    return read_blob(body, body.length, expected=digest, into=into)
+                    return read_blob(body, body.length, expected=digest, into=into,
+                                     spool=None if spool is None else lambda metadata: spool())
                 finally:
                     body.close()
         except BlobCorrupt:

@@ -32,7 +32,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from pilot.dataplane import quantize
-from pilot.dataplane.blob import TensorBlob
+from pilot.dataplane.blob import SpooledTensors, TensorBlob
 
 QUANTIZED = tuple(quantize.KINDS)
 KINDS = ("weights-fp32", "delta-bf16", *QUANTIZED)
@@ -54,10 +54,17 @@ def _check_names(got: Mapping[str, torch.Tensor], reference: Mapping[str, torch.
         missing, extra = sorted(set(reference) - set(got)), sorted(set(got) - set(reference))
         raise ValueError(f"{what}: tensor names differ from the start weights' (missing {missing[:3]}, "
                          f"extra {extra[:3]})")
-    for name, tensor in got.items():
-        if tuple(tensor.shape) != tuple(reference[name].shape):
-            raise ValueError(f"{what}: {name} has shape {tuple(tensor.shape)}, "
-                             f"the start weights' is {tuple(reference[name].shape)}")
+    for name in got:
+        shape = _spec(got, name)[1]
+        if shape != tuple(reference[name].shape):
+            raise ValueError(f"{what}: {name} has shape {shape}, the start weights' is {tuple(reference[name].shape)}")
+
+
+def _spec(tensors: Mapping[str, torch.Tensor], name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    """A tensor's dtype and shape (a spooled blob's without reading it)."""
+    if isinstance(tensors, SpooledTensors):
+        return tensors.spec(name)
+    return tensors[name].dtype, tuple(tensors[name].shape)
 
 
 def _blocks(n: int) -> range:
@@ -256,6 +263,17 @@ def global_delta(view: Mapping[str, torch.Tensor], weights: Mapping[str, torch.T
 
 
 @torch.no_grad()
+def next_view(view: torch.Tensor, weights: torch.Tensor, in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One tensor of the next view and of its delta: (bf16(view - weights), view - fp32(that)), the arithmetic a
+    site repeats with apply_global_delta; the new view is written into `view`'s own memory with in_place."""
+    if not view.is_floating_point():
+        delta = weights.detach().clone()
+        return delta, view.copy_(delta) if in_place else delta.clone()
+    delta = _delta_bf16(view, weights, torch.empty(view.shape, dtype=torch.bfloat16))
+    return delta, _weights_from_delta(view, delta, view if in_place else torch.empty_like(view))
+
+
+@torch.no_grad()
 def add_into(out: torch.Tensor, plus: torch.Tensor | None = None, minus: torch.Tensor | None = None) -> None:
     """out += fp32(plus) - fp32(minus), block by block (no tensor-sized temporary; `out` may live on another
     device or in another dtype than the operands)."""
@@ -276,9 +294,9 @@ def apply_global_delta(view: Mapping[str, torch.Tensor], delta: Mapping[str, tor
     is not shaped like the view)."""
     _check_names(delta, view, "apply_global_delta")
     for name, v in view.items():   # every tensor checked before any is written: a bad delta leaves the view whole
-        d = delta[name]
-        if v.is_floating_point() and (d.dtype != torch.bfloat16 or v.dtype != torch.float32 or not v.is_contiguous()):
-            raise ValueError(f"apply_global_delta: {name} is {v.dtype} with a {d.dtype} delta; "
+        dtype = _spec(delta, name)[0]
+        if v.is_floating_point() and (dtype != torch.bfloat16 or v.dtype != torch.float32 or not v.is_contiguous()):
+            raise ValueError(f"apply_global_delta: {name} is {v.dtype} with a {dtype} delta; "
                              f"a view is contiguous fp32 and its delta bf16")
     for name, v in view.items():
         if v.is_floating_point():

@@ -44,6 +44,12 @@ class BlobStore:
         """A file for the data of a received blob with this metadata, or None: into memory."""
         if self.spool_dir is None or self.spool_if is None or not self.spool_if(metadata):
             return None
+        return self.spool_file()
+
+    def spool_file(self) -> BinaryIO:
+        """An unnamed temporary file in the spool directory (its space goes when it is closed)."""
+        if self.spool_dir is None:
+            raise ValueError("this store has no spool directory")
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         return tempfile.TemporaryFile(dir=self.spool_dir)
 

@@ -78,10 +78,14 @@ class Federation:
                                  settings.sites.nproc, self.emit, emulate_step_s=settings.sites.emulate_step_s)
         # pseudo-gradient uploads wait in files of the run directory, read into the round's mean tensor by tensor
         # (no upload costs the server model-sized memory); a solo round's weights, adopted as they are, in memory
+        # (they are the masters then)
         self.store = BlobStore(spool_dir=self.run_dir / "spool",
                                spool_if=lambda meta: meta.get("payload", "weights-fp32") != "weights-fp32")
         self.delta_digest = ""   # the round's global delta in the store, until the round's first result
-        self.publisher = Publisher(self.store, deltas=settings.dataplane.global_payload == "delta-bf16")
+        # the view the sites hold waits in a file too, made tensor by tensor from the masters (which stay the only
+        # model copy in memory between rounds) and served from there
+        self.publisher = Publisher(self.store, deltas=settings.dataplane.global_payload == "delta-bf16",
+                                   spool=self.store.spool_file)
         # round requests are signed (a site obeys only this key, learnt through Flower); blob access is per
         # site and round; an upload must be shaped like the model
         self.signing_key = signing.ServerKey.load_or_create(self.run_dir)

@@ -13,21 +13,24 @@ bf16 rounding of one round's move from the fp32 masters G, which the server keep
 checkpoints and the final model use G). A site that does not hold S (new, back from a pause, its last round
 failed) fetches the view whole, as before.
 
-Memory: the view is one model copy beside the masters (shared with them until the first outer step, and after
-an adoption), updated in place; the delta is half of one, let go of when the round's first result arrives (the
-server loop), before the round's mean is allocated.
+Memory: with `spool` (the ServerApp's publisher) the view lives in an unnamed file of the run directory, made
+tensor by tensor from the last one and the masters and served from there, so the masters are the only model copy
+the server holds between rounds (the first view and an adopted upload are the masters' own memory); the delta is
+half a copy, let go of when the round's first result arrives (the server loop), before the round's mean is
+allocated. Without `spool` the view is one more copy in memory, moved in place once it is the publisher's own.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import BinaryIO
 from dataclasses import dataclass
 
 import torch
 
 from pilot.dataplane import payload
-from pilot.dataplane.blob import TensorBlob
+from pilot.dataplane.blob import SpooledBlob, TensorBlob, spool_blob
 from pilot.dataplane.store import BlobStore
 
 
@@ -41,9 +44,10 @@ class Published:
 class Publisher:
     """The view the sites hold and its deltas, published into the round's blob store."""
 
-    def __init__(self, store: BlobStore, deltas: bool = True):
-        self.store, self.deltas = store, deltas
-        self.blob: TensorBlob | None = None   # the view as a blob: its tensors are the view
+    def __init__(self, store: BlobStore, deltas: bool = True, spool: Callable[[], BinaryIO] | None = None):
+        self.store, self.deltas, self.spool = store, deltas, spool
+        # the view as a blob: its tensors are the view (in memory, or with `spool` in a file, read tensor by tensor)
+        self.blob: TensorBlob | SpooledBlob | None = None
         self.owned = False     # the view's memory is this publisher's own (else shared with the masters or an upload)
         # the masters the view was last made from: the tensors themselves, weakly (holding them would keep the last
         # round's masters alive beside the new ones: a model copy)
@@ -67,29 +71,38 @@ class Publisher:
             self.blob, self.owned, self.masters = TensorBlob(weights), False, _refs(weights)
             return Published(self.store.add(self.blob))
         base, view = self.digest, self.blob.tensors
-        delta = payload.global_delta(view, weights)
-        if not self.owned and self._masters_gone():
-            # the view shared its memory with masters nobody holds any more (the first round's weights after the
-            # first outer step): it is the publisher's own now, moved in place (no clone beside the new masters)
-            self.owned = True
-        if self.owned:
+        _check_layout(view, weights)
+        # in memory, the view moves in its own memory; never in the masters' or an uploaded blob's
+        in_place = self.spool is None and self.owned
+        if in_place:
             self.store.pop(base)   # its bytes are about to change: nobody may be served them under the old digest
-        else:   # never write into the masters' tensors or an uploaded blob's
-            view = {name: tensor.clone() for name, tensor in view.items()}
-        payload.apply_global_delta(view, delta)
-        self.blob, self.owned, self.masters = TensorBlob(view), True, _refs(weights)
+        delta: dict[str, torch.Tensor] = {}
+
+        def moved() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in view.items():    # one at a time: a spooled view is read tensor by tensor
+                delta[name], tensor = payload.next_view(tensor, weights[name], in_place=in_place)
+                yield name, tensor
+
+        if self.spool is not None:   # the next view goes to a file as it is made: the masters stay the only copy
+            layout = {name: (t.dtype, tuple(t.shape)) for name, t in weights.items()}
+            self.blob = spool_blob(moved(), layout, self.spool())
+        else:
+            self.blob = TensorBlob(dict(moved()))
+        self.owned, self.masters = self.spool is None, _refs(weights)
         digest = self.store.add(self.blob)
         meta = {"payload": payload.GLOBAL_DELTA, "base": base, "view": digest}
         return Published(digest, self.store.add(TensorBlob(delta, meta)), base)
-
-    def _masters_gone(self) -> bool:
-        return bool(self.masters) and all(ref() is None for ref in self.masters.values())
 
     def _same_masters(self, weights: Mapping[str, torch.Tensor]) -> bool:
         """The masters have not moved since the view was made (a round that aggregated nothing): the tensors
         themselves, not their values (an outer step always makes new ones)."""
         last = self.masters
         return last.keys() == weights.keys() and all(last[k]() is weights[k] for k in weights)
+
+
+def _check_layout(view: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]) -> None:
+    if list(view) != list(weights):
+        raise ValueError(f"publish: the masters' tensor names differ from the view's ({sorted(set(view) ^ set(weights))[:3]})")
 
 
 def _refs(weights: Mapping[str, torch.Tensor]) -> dict[str, weakref.ref]:

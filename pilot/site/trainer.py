@@ -37,9 +37,10 @@ the next round's result (tokens, steps, data cursors), and only if that round co
 where it stopped (the ledger committed what the site reported); otherwise they are dropped: the exact global
 weights are loaded and the loader rebuilt at the request's cursors, so no row is counted twice. A closed window,
 a stale signal or a replaced server stops carrying at once; carrying also stops after one round's worth of steps
-without a new request. Memory at rank 0: W, S, and while a round's update and the next global model travel the
-bf16 D~ and the bf16 delta, half a model each: three model copies at most (a global model fetched whole, with
-global-payload "weights-fp32", takes a whole copy instead of the delta's half).
+without a new request. Memory at rank 0: W, S and, while a round's update and the next global model travel, the
+bf16 D~ (half a model); the bf16 delta waits in an unnamed file of the site's directory and is read back tensor by
+tensor (applied, checked, folded): two and a half model copies (a global model fetched whole, with
+global-payload "weights-fp32", takes a whole copy of its own: three and a half).
 
 Failing: whatever one rank cannot do (fetch, check the weights, open its shards, read a row group, upload)
 the ranks learn together (`agreed`: one all-reduce of a flag, then the failing rank's reason as JSON), and
@@ -58,6 +59,7 @@ import json
 import os
 import queue
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -242,8 +244,12 @@ def train_config_from(spec: dict) -> TrainConfig:
 
 # ------------------------------------------------------------------ the site trainer
 class SiteTrainer:
-    def __init__(self, site: str, run: str, client: redis.Redis | None, info: DistInfo, spec: dict):
+    def __init__(self, site: str, run: str, client: redis.Redis | None, info: DistInfo, spec: dict,
+                 spool_dir: Path | None = None):
         self.site, self.run, self.r, self.info = site, run, client, info
+        # the next global model's bf16 delta waits in an unnamed file here, read back tensor by tensor (None: in
+        # memory): the site holds W, the view and its update as sent, never the delta as well
+        self.spool_dir = spool_dir
         self.spec = spec
         self.cfg = train_config_from(spec)
         self.data_dir = Path(spec["data_dir"])
@@ -328,7 +334,7 @@ class SiteTrainer:
         base = request.delta_base
         try:
             delta = fetch_blob(request.blob_url, request.delta_digest, token=request.blob_token,
-                               ssl_context=site_tls(request.blob_ca))
+                               ssl_context=site_tls(request.blob_ca), spool=self._spool_file)
             if delta.metadata.get("payload") != payload.GLOBAL_DELTA or delta.metadata.get("base") != base:
                 raise ValueError(f"blob {request.delta_digest[:12]} is not a global delta to {base[:12]}")
             payload.apply_global_delta(view, delta.tensors)   # checks every tensor before it writes any
@@ -345,6 +351,12 @@ class SiteTrainer:
                     payload.add_into(tensor, plus=delta.tensors[name])
             return None
         return delta.tensors
+
+    def _spool_file(self):
+        if self.spool_dir is None:
+            return None
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        return tempfile.TemporaryFile(dir=self.spool_dir)
 
     def forget(self) -> None:
         """After a failed round: the model may no longer hold the global weights it was sent (steps taken, or a
@@ -817,7 +829,8 @@ def serve(args: argparse.Namespace) -> int:
     client = coordination.connect(args.redis_url or None, run_dir=args.run_dir, wait=True) if info.rank == 0 else None
     heartbeat = Heartbeat(client, args.run_id, args.site) if client is not None else None
     spec = broadcast_json(wait_for_train_config(client, args.run_id) if client is not None else None, info)
-    site = SiteTrainer(args.site, args.run_id, client, info, spec)
+    site = SiteTrainer(args.site, args.run_id, client, info, spec,
+                       spool_dir=Path(args.run_dir) / "sites" / args.site / "spool" if args.run_dir else None)
     reader: InboxReader | None = None
     orphan_timeout = float(os.environ.get(protocol.ORPHAN_TIMEOUT_ENV) or protocol.ORPHAN_TIMEOUT_S)
     server_seen = time.monotonic()
