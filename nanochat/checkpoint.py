@@ -180,6 +180,11 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu",
     return model_state, optim_state, meta
 
 
+def model_file_metadata(model_config: dict, extra: dict | None = None) -> dict[str, str]:
+    """The header metadata of a model file (save_model; a writer that streams the tensors writes the same)."""
+    return {"format": FORMAT, "model_config": json.dumps(model_config), "extra": json.dumps(extra or {})}
+
+
 def save_model(path: Path | str, model_state: dict[str, torch.Tensor], model_config: dict,
                extra: dict | None = None) -> Path:
     """One .safetensors file: weights, and the model config (JSON) in its header; atomic."""
@@ -188,8 +193,7 @@ def save_model(path: Path | str, model_state: dict[str, torch.Tensor], model_con
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
     try:
-        header = {"format": FORMAT, "model_config": json.dumps(model_config), "extra": json.dumps(extra or {})}
-        save_file(_tensors_for_disk(model_state), tmp, metadata=header)
+        save_file(_tensors_for_disk(model_state), tmp, metadata=model_file_metadata(model_config, extra))
         os.chmod(tmp, 0o666 & ~_umask())
         _fsync_file(Path(tmp))
         os.replace(tmp, path)

@@ -17,7 +17,7 @@ import redis
 import torch
 from flwr.common.logger import log
 
-from nanochat.checkpoint import save_model
+from nanochat.checkpoint import model_file_metadata
 from nanochat.common import get_base_dir
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import list_parquet_files
@@ -27,6 +27,7 @@ from nanochat.tokenizer import Tokenizer, get_token_bytes
 from nanochat.trainer import TrainConfig, plan_training
 from pilot import protocol
 from pilot.dataplane import payload
+from pilot.dataplane.blob import save_file
 from pilot.dataplane.store import BlobStore
 from pilot.protocol import RoundResult
 from pilot.server import checkpoint
@@ -261,8 +262,11 @@ class GlobalModel:
 
     def finish(self, outcome: str) -> Path:
         path = self.run_dir / "final_model.safetensors"
-        save_model(path, self.state.weights, self.plan.model_config.to_dict(),
-                   extra={"round": self.state.round, "tokens": self.state.tokens, "outcome": outcome})
+        # nanochat's model file (load_model reads it), streamed from the masters' own memory: save_model's copy
+        # and serialised bytes would be two more model copies at the run's end
+        save_file(path, self.state.weights, model_file_metadata(
+            self.plan.model_config.to_dict(),
+            extra={"round": self.state.round, "tokens": self.state.tokens, "outcome": outcome}))
         return path
 
 
