@@ -10,6 +10,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import torch
 
 from pilot import protocol
 from pilot.coordination import connect, release
@@ -94,8 +95,13 @@ def test_scripted_curtailment_passes_through_every_regime(tmp_path, text_shards,
     assert all(e["reason"] for e in ends)
     bpbs = [float(e["val_bpb"]) for e in ends if e["val_bpb"] != "-"]
     assert len(bpbs) >= 3 and bpbs[-1] < bpbs[0], bpbs
-    assert (run_dir / "final_model.safetensors").exists()
     assert (run_dir / "global" / "LATEST").exists()
+    # the final model is nanochat's model file, holding the last checkpoint's global weights
+    from nanochat.checkpoint import load_model
+    from pilot.server import checkpoint as server_checkpoint
+    final = load_model(run_dir / "final_model.safetensors").state_dict()
+    last = server_checkpoint.load(server_checkpoint.latest(run_dir)).weights
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in last)
     check_run_logs(run_dir, events)
 
 
