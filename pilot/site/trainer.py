@@ -469,11 +469,16 @@ class SiteTrainer:
         overlap = request.round_mode == "overlap"
         self._wait_handed_in()
         carry = self._take_carry(request) if overlap else None
+        # the watcher armed for this round while the site carried steps into it, and read nothing against it a
+        # moment ago: that reading stands (no Redis round trip on the path between two carried steps)
+        fresh = carry is not None and self.watcher is not None and self.watcher.recent_clear(request.round,
+                                                                                            request.server_id)
         trainer.stop_event.clear()
         if self.watcher is not None:
             self.watcher.arm(request.round, request.server_id)
         # a request that waited in the inbox past its window (or its signal's freshness) trains no step at all
-        reason = broadcast_json(self.watcher.check() if self.watcher is not None else None, self.info) or ""
+        reason = broadcast_json(self.watcher.check() if self.watcher is not None and not fresh else None,
+                                self.info) or ""
         if reason and carry is not None:
             # no step may train now, so the new global model is not folded in: the carried steps are dropped
             # (the weights are fetched exact next time), and their rows stay uncommitted for whoever trains them next
@@ -869,8 +874,9 @@ def serve(args: argparse.Namespace) -> int:
         request = signing.accept(message, on_refusal=log, site=args.site)
         if request is None:
             continue
-        try:
-            current = client.get(protocol.server_current_key(args.run_id)) if client is not None else None
+        try:   # (the round a site carried steps into: its watcher read the current server a moment ago)
+            current = client.get(protocol.server_current_key(args.run_id)) if client is not None and not (
+                site.carry is not None and site.watcher.recent_clear(request.round, request.server_id)) else None
         except redis.RedisError:
             current = None   # the request just came through Redis; the stop watcher judges an outage
         if broadcast_json(current is not None and current != request.server_id, info):

@@ -24,6 +24,7 @@ from pilot.energy import events as energy_events
 from pilot.energy.events import SimClock
 
 STOP_POLL_S = 0.05        # how often rank 0 looks at the stop key and the site's energy state
+RECENT_CLEAR_S = 1.0      # a watcher's clear reading this recent stands for one taken now (recent_clear)
 READ_TIMEOUT_S = 1.0      # a watcher read with no answer within this fails (a frozen Redis never answers)
 # Without a successful read for this long the site stops at its next step boundary: no fresh signal (stop key,
 # window, server) means no permission to train. The same bound as a stale energy signal (events.SIGNAL_FRESH_S).
@@ -82,6 +83,8 @@ class StopWatcher:
                                   float(os.environ.get(protocol.ORPHAN_TIMEOUT_ENV) or protocol.ORPHAN_TIMEOUT_S))
         self.server_seen = time.monotonic()
         self.read_ok = time.monotonic()     # the last successful read of Redis
+        self.clear_at = (None, "", 0.0)     # (round, server, when its last reading began) that found nothing
+        self.answered = 0                   # readings Redis answered
         self._logged = 0.0
         self._thread = threading.Thread(target=self._watch, name="stop-watcher", daemon=True)
         self._thread.start()
@@ -94,6 +97,14 @@ class StopWatcher:
 
     def disarm(self) -> None:
         self.round = None
+
+    def recent_clear(self, round_number: int, server_id: str, within_s: float = RECENT_CLEAR_S) -> bool:
+        """The watcher's own thread, armed for this round of this server, found nothing against it in a reading
+        begun within `within_s`: as fresh as what stops any step, so a round that starts now (the one a site
+        carried steps into) needs no reading of its own on the caller's path."""
+        armed, server, when = self.clear_at
+        return (armed == round_number and server == server_id and not self.reason
+                and time.monotonic() - when <= within_s)
 
     def check(self) -> str | None:
         """One reading now, on the caller's thread: the reason the armed round must not train at all, or None.
@@ -123,6 +134,7 @@ class StopWatcher:
                         f"(bound {self.fresh_s:g} s)")
             return None
         self.read_ok = time.monotonic()
+        self.answered += 1
         if server_alive:
             self.server_seen = time.monotonic()
         return stop_reason(stop=stop if own_stop else None, curtailed=curtailed, clock=SimClock.from_fields(clock) if clock else None,
@@ -133,10 +145,13 @@ class StopWatcher:
         while True:
             round_number = self.round
             if round_number is not None and not self.trainer.stop_event.is_set():
+                began, server, answered = time.monotonic(), self.server_id, self.answered
                 reason = self._read(round_number)
                 if reason is not None and self.round == round_number:
                     self.reason = reason
                     self.trainer.request_stop()
+                elif reason is None and self.answered > answered:   # Redis answered: not an outage's None
+                    self.clear_at = (round_number, server, began)
             time.sleep(STOP_POLL_S)
 
 
@@ -148,13 +163,16 @@ class Heartbeat:
         self.fields = {"pid": os.getpid(), "host": socket.gethostname(), "status": "starting", "round": -1,
                        "step": 0}
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self.beat()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
         self._thread.start()
 
     def update(self, **fields: object) -> None:
+        """New fields, written by the heartbeat's thread at once (no Redis round trip on the caller's path: over
+        a WAN one is a good part of a step)."""
         self.fields.update(fields)
-        self.beat()
+        self._wake.set()
 
     def beat(self) -> None:
         try:
@@ -166,12 +184,18 @@ class Heartbeat:
             log(f"heartbeat: Redis unavailable ({error})")
 
     def _run(self) -> None:
-        while not self._stop.wait(protocol.HEARTBEAT_S):
-            self.beat()
+        while not self._stop.is_set():
+            self._wake.wait(protocol.HEARTBEAT_S)
+            self._wake.clear()
+            if not self._stop.is_set():
+                self.beat()
 
     def stop(self) -> None:
         self._stop.set()
-        self.update(status="stopped")
+        self._wake.set()
+        self._thread.join(timeout=5)
+        self.fields.update(status="stopped")
+        self.beat()
         self.r.delete(protocol.alive_key(self.run, self.site))
 
 
