@@ -19,11 +19,11 @@ from nanochat.trainer import TrainConfig, plan_training
 from pilot import coordination, protocol
 from pilot.dataplane import payload
 from pilot.dataplane.server import BlobServer
-from pilot.server.publish import Publisher
-from pilot.site.trainer import fold_global
 from pilot.dataplane.store import BlobStore
 from pilot.energy.events import site_key
 from pilot.protocol import RoundRequest, RoundResult
+from pilot.server.publish import Publisher
+from pilot.site.trainer import fold_global
 from tests.conftest import subprocess_env
 from tests.fault_harness import outbox_result
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from typing import BinaryIO
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import torch
 
