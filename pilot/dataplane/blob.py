@@ -13,6 +13,7 @@ import math
 import os
 import re
 import struct
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -247,6 +248,13 @@ def read_blob(stream: BinaryIO, length: int, expected: str | None = None,
     if expected is not None and got != expected:
         raise BlobCorrupt(f"blob corrupt: expected sha256 {expected}, received {got}")
     return TensorBlob(tensors, metadata, digest=got)
+
+
+def spool_file(directory: str | os.PathLike[str]) -> BinaryIO:
+    """An unnamed temporary file in `directory` (created if missing) to spool a blob's data into: its space goes
+    when it is closed, and a crash leaves nothing behind."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryFile(dir=directory)
 
 
 def spool_blob(tensors: Iterator[tuple[str, torch.Tensor]], layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],

@@ -4,7 +4,6 @@ reads through tensor by tensor into its running mean, so that no upload costs it
 
 from __future__ import annotations
 
-import tempfile
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -13,7 +12,7 @@ from typing import BinaryIO
 
 import torch
 
-from pilot.dataplane.blob import SpooledBlob, TensorBlob
+from pilot.dataplane.blob import SpooledBlob, TensorBlob, spool_file
 
 Blob = TensorBlob | SpooledBlob
 
@@ -50,8 +49,7 @@ class BlobStore:
         """An unnamed temporary file in the spool directory (its space goes when it is closed)."""
         if self.spool_dir is None:
             raise ValueError("this store has no spool directory")
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        return tempfile.TemporaryFile(dir=self.spool_dir)
+        return spool_file(self.spool_dir)
 
     def recycle(self, digest: str) -> None:
         """Forget a received blob and keep its memory for the next one (nobody else may hold its tensors)."""

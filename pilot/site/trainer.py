@@ -59,7 +59,6 @@ import json
 import os
 import queue
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -75,7 +74,7 @@ from nanochat.tokenizer import Tokenizer
 from nanochat.trainer import DataExhausted, TrainConfig, Trainer, plan_training
 from pilot import coordination, procmem, protocol, signing
 from pilot.dataplane import payload
-from pilot.dataplane.blob import BlobError, TensorBlob
+from pilot.dataplane.blob import BlobError, TensorBlob, spool_file
 from pilot.dataplane.client import fetch_blob, site_tls, upload_blob
 from pilot.dataplane.payload import QUANTIZED, update_blob
 from pilot.dataplane.quantize import ErrorFeedback
@@ -353,10 +352,7 @@ class SiteTrainer:
         return delta.tensors
 
     def _spool_file(self):
-        if self.spool_dir is None:
-            return None
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        return tempfile.TemporaryFile(dir=self.spool_dir)
+        return spool_file(self.spool_dir) if self.spool_dir is not None else None
 
     def forget(self) -> None:
         """After a failed round: the model may no longer hold the global weights it was sent (steps taken, or a
