@@ -14,7 +14,6 @@ from logging import WARNING
 from pathlib import Path
 
 import redis
-import torch
 from flwr.common.logger import log
 
 from nanochat.checkpoint import model_file_metadata
@@ -212,9 +211,7 @@ class GlobalModel:
         elif intake and len(intake.mean.sites) == 1:
             # one site's pseudo-gradient (the round's other sites failed): its weights, start - delta, as they are
             # (written into the mean's own memory), no outer step, as for a lone upload of weights
-            delta = intake.mean.mean()
-            self.state.weights = {name: torch.sub(w, delta[name], out=delta[name]) if w.dtype == torch.float32
-                                  else (w.float() - delta[name]).to(w.dtype) for name, w in self.state.weights.items()}
+            self.state.weights = OuterOptimizer("none").step(self.state.weights, intake.mean.mean())
         elif intake and intake.mean.sites:
             start, end = span
             fraction = round_fraction(end - start, self.rounds.round_duration,
